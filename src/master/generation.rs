@@ -1,0 +1,315 @@
+//! Generations of workers. A generation is one config and one worker per index. At most one is
+//! `Starting` (forked, not yet serving), one is `Active`, any number are `Draining`. A new
+//! generation is promoted only once every worker of it serves; only then is the previous one
+//! told to drain (SIGQUIT), and past its deadline it is killed.
+
+use super::listeners::ListenGroup;
+use crate::shared::config::Config;
+use crate::shared::shm::{Region, STATE_SERVING};
+use crate::shared::{self, WorkerMain, WorkerStart};
+use anyhow::{anyhow, bail, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a new generation may take to report that it serves.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker that exits with this code failed to start; respawning it would fail again.
+pub const EXIT_STARTUP_FAILED: i32 = 2;
+/// After SIGTERM, how long workers get before SIGKILL.
+const TERMINATE_GRACE: Duration = Duration::from_secs(3);
+
+/// What forking a worker needs, fixed for the master's life.
+pub struct SpawnEnv {
+    pub groups: Vec<ListenGroup>,
+    pub region: &'static Region,
+    pub worker_main: WorkerMain,
+    pub builtin: bool,
+}
+
+struct Worker {
+    pid: Pid,
+    slot: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Starting(Instant),
+    Active,
+    Draining(Instant),
+}
+
+struct Generation {
+    id: u64,
+    config: Arc<Config>,
+    workers: Vec<Option<Worker>>,
+    state: State,
+}
+
+impl Generation {
+    fn live(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.iter().flatten()
+    }
+}
+
+pub struct Generations {
+    env: SpawnEnv,
+    list: Vec<Generation>,
+    next_id: u64,
+    /// Shutting down: workers that exit are not replaced.
+    stopping: bool,
+}
+
+impl Generations {
+    pub fn new(env: SpawnEnv) -> Self {
+        Generations {
+            env,
+            list: Vec::new(),
+            next_id: 1,
+            stopping: false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn starting(&self) -> bool {
+        self.list
+            .iter()
+            .any(|g| matches!(g.state, State::Starting(_)))
+    }
+
+    /// Forks a new generation with `config`; it is promoted by `advance` once it serves.
+    pub fn start(&mut self, config: Arc<Config>) -> Result<()> {
+        for host in config.host_routes.keys().chain(config.path_routes.keys()) {
+            let name = host.to_ascii_lowercase();
+            if host != "*" && self.env.region.header.register_host(&name).is_none() {
+                log::warn!("host `{host}` is counted as `other` in metrics (host table full)");
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let count = self.env.groups[0].sockets.len();
+        let mut generation = Generation {
+            id,
+            config,
+            workers: (0..count).map(|_| None).collect(),
+            state: State::Starting(Instant::now()),
+        };
+        for index in 0..count {
+            match spawn(&self.env, &generation, index) {
+                Ok(w) => generation.workers[index] = Some(w),
+                Err(e) => {
+                    self.list.push(generation);
+                    self.abort_starting();
+                    return Err(e);
+                }
+            }
+        }
+        log::info!("generation {id}: {count} workers forked");
+        self.list.push(generation);
+        Ok(())
+    }
+
+    /// Collects exited workers; respawns those that died unexpectedly.
+    pub fn reap(&mut self) {
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => s,
+            };
+            let (pid, how, code) = match status {
+                WaitStatus::Exited(pid, code) => (pid, format!("exit code {code}"), Some(code)),
+                WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}"), None),
+                _ => continue,
+            };
+            self.on_exit(pid, &how, code);
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, how: &str, code: Option<i32>) {
+        let Some((g, index)) = self.find(pid) else {
+            return;
+        };
+        let generation = &mut self.list[g];
+        let worker = generation.workers[index].take().expect("found above");
+        self.env.region.release_slot(worker.slot);
+        let id = generation.id;
+        match generation.state {
+            _ if self.stopping => log::info!("generation {id}: worker {index} (pid {pid}) done ({how})"),
+            State::Draining(_) => log::info!("generation {id}: worker {index} (pid {pid}) done ({how})"),
+            State::Starting(_) if code == Some(EXIT_STARTUP_FAILED) => {
+                log::error!("generation {id}: worker {index} (pid {pid}) failed to start");
+                self.abort_starting();
+            }
+            State::Active if code == Some(EXIT_STARTUP_FAILED) => {
+                log::error!("generation {id}: worker {index} (pid {pid}) failed to start; not respawned")
+            }
+            State::Starting(_) | State::Active => {
+                log::warn!("generation {id}: worker {index} (pid {pid}) died ({how}); respawning");
+                self.env.region.header.restarts.fetch_add(1, Relaxed);
+                match spawn(&self.env, &self.list[g], index) {
+                    Ok(w) => self.list[g].workers[index] = Some(w),
+                    Err(e) => log::error!("cannot respawn worker {index}: {e:#}"),
+                }
+            }
+        }
+        self.list.retain(|g| g.live().next().is_some() || g.state == State::Active);
+    }
+
+    fn find(&self, pid: Pid) -> Option<(usize, usize)> {
+        self.list.iter().enumerate().find_map(|(g, generation)| {
+            generation
+                .workers
+                .iter()
+                .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
+                .map(|i| (g, i))
+        })
+    }
+
+    /// Kills a generation that could not start; the active one keeps serving.
+    fn abort_starting(&mut self) {
+        for g in self.list.iter_mut().filter(|g| matches!(g.state, State::Starting(_))) {
+            log::error!("generation {}: start aborted, the previous generation keeps serving", g.id);
+            signal_all(g, Signal::SIGKILL);
+            g.state = State::Draining(Instant::now());
+        }
+    }
+
+    /// Promotes a new generation that serves (draining the old), and kills overdue ones.
+    pub fn advance(&mut self, drain_timeout: Duration) -> Result<()> {
+        let now = Instant::now();
+        let region = self.env.region;
+        let mut result = Ok(());
+        if let Some(g) = self.list.iter().position(|g| matches!(g.state, State::Starting(_))) {
+            let generation = &self.list[g];
+            let ready = generation.workers.iter().all(|w| {
+                w.as_ref()
+                    .is_some_and(|w| region.slots[w.slot].state.load(Acquire) == STATE_SERVING)
+            });
+            if ready {
+                let id = generation.id;
+                for old in self.list.iter_mut().filter(|o| o.state == State::Active) {
+                    log::info!("generation {}: draining (replaced by generation {id})", old.id);
+                    old.state = State::Draining(now + drain_timeout);
+                    signal_all(old, Signal::SIGQUIT);
+                }
+                self.list[g].state = State::Active;
+                log::info!("generation {id}: serving");
+            } else if matches!(generation.state, State::Starting(t) if now.duration_since(t) > START_TIMEOUT) {
+                result = Err(anyhow!(
+                    "generation {}: workers did not start within {}s",
+                    generation.id,
+                    START_TIMEOUT.as_secs()
+                ));
+                self.abort_starting();
+            }
+        }
+        for g in &mut self.list {
+            if let State::Draining(deadline) = g.state {
+                if now >= deadline && g.live().next().is_some() {
+                    log::warn!("generation {}: drain timeout, killing what is left", g.id);
+                    signal_all(g, Signal::SIGKILL);
+                    g.state = State::Draining(now + Duration::from_secs(3600));
+                }
+            }
+        }
+        result
+    }
+
+    /// SIGQUIT: every generation drains, then the master exits.
+    pub fn drain_all(&mut self, timeout: Duration) {
+        self.stopping = true;
+        let deadline = Instant::now() + timeout;
+        for g in &mut self.list {
+            signal_all(g, Signal::SIGQUIT);
+            g.state = State::Draining(deadline);
+        }
+        self.list.retain(|g| g.live().next().is_some());
+    }
+
+    /// SIGTERM/SIGINT: every worker closes at once.
+    pub fn terminate_all(&mut self) {
+        self.stopping = true;
+        for g in &self.list {
+            signal_all(g, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + TERMINATE_GRACE;
+        while !self.list.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            self.reap();
+            self.list.retain(|g| g.live().next().is_some());
+        }
+        for g in &self.list {
+            signal_all(g, Signal::SIGKILL);
+        }
+        self.reap();
+    }
+}
+
+fn signal_all(g: &Generation, sig: Signal) {
+    for w in g.live() {
+        let _ = kill(w.pid, sig);
+    }
+}
+
+/// Forks worker `index` of `generation`. The child never returns from here.
+fn spawn(env: &SpawnEnv, generation: &Generation, index: usize) -> Result<Worker> {
+    let region = env.region;
+    let Some(slot) = region.claim_slot(index, generation.id) else {
+        bail!("no free shared-memory slot for a worker (too many draining generations)");
+    };
+    let security = &generation.config.security;
+    let user = security
+        .drop_privileges_user
+        .as_deref()
+        .map(|u| shared::resolve_user(u).ok_or_else(|| anyhow!("unknown user `{u}`")))
+        .transpose()?;
+    let group = security
+        .drop_privileges_group
+        .as_deref()
+        .map(|g| shared::resolve_group(g).ok_or_else(|| anyhow!("unknown group `{g}`")))
+        .transpose()?;
+    match unsafe { fork() } {
+        Err(e) => {
+            region.release_slot(slot);
+            Err(anyhow!("fork: {e}"))
+        }
+        Ok(ForkResult::Parent { child }) => {
+            region.slots[slot].owner_pid.store(i64::from(child.as_raw()), Relaxed);
+            Ok(Worker { pid: child, slot })
+        }
+        Ok(ForkResult::Child) => {
+            super::signals::reset_in_child();
+            // Keep only this worker's socket of each group. The master's copies of the other
+            // structures are never dropped in the child (the worker never returns), so the raw
+            // fds are closed here once and adopted once.
+            let mut own = Vec::new();
+            for g in &env.groups {
+                for (i, s) in g.sockets.iter().enumerate() {
+                    if i == index {
+                        own.push(unsafe { TcpListener::from_raw_fd(s.as_raw_fd()) });
+                    } else {
+                        unsafe { libc::close(s.as_raw_fd()) };
+                    }
+                }
+            }
+            (env.worker_main)(WorkerStart {
+                index,
+                slot,
+                config: generation.config.clone(),
+                builtin: env.builtin,
+                listeners: own,
+                shm: region,
+                user,
+                group,
+            })
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The master: binds the listeners, owns the shared-memory region and the pid file, forks
+//! generations of workers and supervises them. It never reads a client byte and never starts
+//! a thread (it forks again on every reload and respawn).
+//!
+//! The cycle, like nginx's `ngx_master_process_cycle`: wait up to a tick for a signal, turn it
+//! into a flag, then act on the flags — reap, shut down, reload — and advance the generations
+//! (promote a new one once it serves, kill a draining one past its deadline).
+
+mod generation;
+mod listeners;
+mod pidfile;
+mod signals;
+
+use crate::shared::config::{Balancing, Config};
+use crate::shared::shm::Shm;
+use crate::shared::{self, validate, WorkerMain};
+use anyhow::{bail, Context, Result};
+use generation::{Generations, SpawnEnv};
+use nix::sys::signal::Signal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use pidfile::read as read_pid_file;
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// Where the master's config comes from.
+pub enum ConfigSource {
+    File(PathBuf),
+    Builtin,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<Config, Vec<validate::ConfigError>> {
+        match self {
+            ConfigSource::File(p) => validate::load_file(p),
+            ConfigSource::Builtin => Ok(shared::builtin_config()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Flags {
+    reload: bool,
+    quit: bool,
+    terminate: bool,
+    reap: bool,
+}
+
+pub fn run(source: ConfigSource, worker_main: WorkerMain) -> Result<()> {
+    let config = match source.load() {
+        Ok(c) => Arc::new(c),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            bail!("invalid configuration ({} errors)", errors.len());
+        }
+    };
+    shared::log::init_direct(&config.logging, "master").context("cannot open the log file")?;
+    signals::block().context("cannot block signals")?;
+    if matches!(source, ConfigSource::Builtin) {
+        log::info!(
+            "no config file: serving the built-in default on http://{}/ (welcome page and /__metrics)",
+            config.server.listen
+        );
+    }
+    let workers = shared::worker_count(&config);
+    let shm = Shm::create().context("cannot create the shared-memory region")?;
+    let groups = bind_listeners(&config, workers)?;
+    let pid_file = match &config.server.pid_file {
+        Some(p) => Some(pidfile::PidFile::write(Path::new(p))?),
+        None => None,
+    };
+    log::info!(
+        "master {} started: {} workers on {}",
+        std::process::id(),
+        workers,
+        groups.iter().map(|g| g.addr.to_string()).collect::<Vec<_>>().join(", ")
+    );
+
+    let env = SpawnEnv {
+        groups,
+        region: shm.region(),
+        worker_main,
+        builtin: matches!(source, ConfigSource::Builtin),
+    };
+    let mut gens = Generations::new(env);
+    gens.start(config.clone()).context("cannot start the first generation")?;
+    let result = cycle(&source, config, &mut gens);
+    if let Some(p) = pid_file {
+        p.remove();
+    }
+    log::info!("master {} exits", std::process::id());
+    log::logger().flush();
+    result
+}
+
+fn cycle(source: &ConfigSource, mut config: Arc<Config>, gens: &mut Generations) -> Result<()> {
+    let mut flags = Flags::default();
+    let mut quitting = false;
+    loop {
+        // Take every pending signal before acting, so a burst becomes one set of flags.
+        let mut timeout = TICK;
+        while let Some(sig) = signals::next(timeout) {
+            timeout = Duration::ZERO;
+            match sig {
+                Signal::SIGHUP => flags.reload = true,
+                Signal::SIGQUIT => flags.quit = true,
+                Signal::SIGTERM | Signal::SIGINT => flags.terminate = true,
+                Signal::SIGCHLD => flags.reap = true,
+                other => log::warn!("{other} received: not supported yet, ignored"),
+            }
+        }
+
+        if std::mem::take(&mut flags.reap) {
+            gens.reap();
+        }
+        if flags.terminate {
+            log::info!("fast shutdown");
+            gens.terminate_all();
+            return Ok(());
+        }
+        if std::mem::take(&mut flags.quit) && !quitting {
+            log::info!("graceful shutdown: draining every worker");
+            quitting = true;
+            gens.drain_all(Duration::from_secs(config.server.shutdown_timeout_secs));
+        }
+        if flags.reload && !quitting && !gens.starting() {
+            flags.reload = false;
+            if let Some(new) = reload(source, &config) {
+                match gens.start(new.clone()) {
+                    Ok(()) => config = new,
+                    Err(e) => log::error!("reload failed, the running generation keeps serving: {e:#}"),
+                }
+            }
+        }
+        let promoted = gens.advance(Duration::from_secs(config.server.shutdown_timeout_secs));
+        if let Err(e) = promoted {
+            if gens.is_empty() {
+                return Err(e);
+            }
+            log::error!("{e:#}");
+        }
+        if quitting && gens.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Re-reads and validates the config. `None` (errors logged) keeps the running generation.
+fn reload(source: &ConfigSource, running: &Config) -> Option<Arc<Config>> {
+    log::info!("SIGHUP: reloading the configuration");
+    let mut new = match source.load() {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors {
+                log::error!("reload: {e}");
+            }
+            log::error!(
+                "reload aborted ({} errors): the running configuration keeps serving",
+                errors.len()
+            );
+            return None;
+        }
+    };
+    // Listeners and the worker count are fixed for the master's life (spec: restart needed).
+    let fixed = [
+        ("server.listen", running.server.listen != new.server.listen),
+        ("server.http_listen", running.server.http_listen != new.server.http_listen),
+        ("server.threads", running.server.threads != new.server.threads),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            log::warn!("reload: `{key}` changed; it takes effect only after a restart");
+        }
+    }
+    new.server.listen = running.server.listen.clone();
+    new.server.http_listen = running.server.http_listen.clone();
+    new.server.threads = running.server.threads;
+    if let Err(e) = shared::log::init_direct(&new.logging, "master") {
+        log::error!("reload: cannot open the new log file, keeping the old one: {e}");
+    }
+    Some(Arc::new(new))
+}
+
+fn bind_listeners(config: &Config, workers: usize) -> Result<Vec<listeners::ListenGroup>> {
+    let mut addrs: Vec<SocketAddr> = vec![config.server.listen.parse()?];
+    if let Some(http) = &config.server.http_listen {
+        addrs.push(http.parse()?);
+    }
+    let mut groups = Vec::new();
+    for addr in addrs {
+        let group = listeners::bind_group(addr, workers)?;
+        if config.performance.reuseport_balancing == Balancing::Cbpf {
+            match listeners::attach_cbpf(&group) {
+                Ok(()) => log::info!("{addr}: client-IP steering (cbpf) over {workers} workers"),
+                Err(e) => log::warn!(
+                    "{addr}: cannot attach the cbpf steering program ({e}); using the kernel's hash"
+                ),
+            }
+        }
+        groups.push(group);
+    }
+    Ok(groups)
+}

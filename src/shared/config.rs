@@ -1,0 +1,368 @@
+//! The configuration schema: every section and key of the spec as typed serde structs, with the
+//! spec's defaults. Unknown keys are errors (`deny_unknown_fields`). Semantic checks live in
+//! `validate.rs`; this module only says what a key is and what it defaults to.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub security: GlobalSecurity,
+    #[serde(default)]
+    pub performance: PerformanceConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub host_routes: BTreeMap<String, Route>,
+    #[serde(default)]
+    pub path_routes: BTreeMap<String, BTreeMap<String, Route>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Upstream>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Plain-HTTP listener beside the TLS one (only meaningful with `[tls]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<String>,
+    /// Worker processes; 0 or absent = number of cores.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<String>,
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            http_listen: None,
+            threads: 0,
+            pid_file: None,
+            shutdown_timeout_secs: default_shutdown_timeout(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:443".into()
+}
+fn default_shutdown_timeout() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    #[serde(default = "default_level")]
+    pub level: String,
+    #[serde(default = "default_channel_size")]
+    pub channel_size: usize,
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval_ms: u64,
+    #[serde(default = "default_max_log_size")]
+    pub max_log_size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_path: Option<String>,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: default_level(),
+            channel_size: default_channel_size(),
+            flush_interval_ms: default_flush_interval(),
+            max_log_size: default_max_log_size(),
+            file_path: None,
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+fn default_channel_size() -> usize {
+    100_000
+}
+fn default_flush_interval() -> u64 {
+    1000
+}
+fn default_max_log_size() -> u64 {
+    104_857_600
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalSecurity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_privileges_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_privileges_group: Option<String>,
+    #[serde(default)]
+    pub max_concurrent_connections: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balancing {
+    Kernel,
+    Cbpf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerformanceConfig {
+    #[serde(default = "default_balancing")]
+    pub reuseport_balancing: Balancing,
+    #[serde(default)]
+    pub huge_pages_enabled: bool,
+}
+
+impl Default for PerformanceConfig {
+    fn default() -> Self {
+        PerformanceConfig {
+            reuseport_balancing: default_balancing(),
+            huge_pages_enabled: false,
+        }
+    }
+}
+
+fn default_balancing() -> Balancing {
+    Balancing::Kernel
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_path: String,
+    pub key_path: String,
+    #[serde(default)]
+    pub ktls_enabled: bool,
+    #[serde(default = "yes")]
+    pub ktls_fallback_enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum RouteType {
+    #[default]
+    File,
+    Proxy,
+    Redirect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FileMode {
+    #[default]
+    Sendfile,
+    Memory,
+}
+
+/// One route, as written under `host_routes` or `path_routes`. Which keys apply depends on
+/// `type`; `validate.rs` rejects keys that do not belong to the route's type.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default, rename = "type")]
+    pub kind: RouteType,
+    // File
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<FileMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
+    // Proxy
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni_name: Option<String>,
+    // Redirect
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preserve_path: Option<bool>,
+    #[serde(default)]
+    pub security: RouteSecurity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    Fixed,
+    #[default]
+    Adaptive,
+}
+
+/// Per-route `security` table, with the spec's defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSecurity {
+    #[serde(default = "ten_mib")]
+    pub max_request_body_size: u64,
+    #[serde(default = "ten_mib")]
+    pub max_chunked_body_size: u64,
+    #[serde(default = "eight_kib")]
+    pub max_request_header_size: u64,
+    #[serde(default = "thirty")]
+    pub client_header_timeout_secs: u64,
+    #[serde(default = "thirty")]
+    pub client_body_timeout_secs: u64,
+    #[serde(default = "ten")]
+    pub backend_connect_timeout_secs: u64,
+    #[serde(default)]
+    pub allowed_methods: Vec<String>,
+    #[serde(default)]
+    pub rate_limit_requests_per_min: u64,
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    #[serde(default)]
+    pub denied_ips: Vec<String>,
+    #[serde(default = "eight")]
+    pub max_idle_connections_per_host: usize,
+    #[serde(default = "thirty")]
+    pub idle_connection_timeout_secs: u64,
+    #[serde(default)]
+    pub add_request_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove_request_headers: Vec<String>,
+    #[serde(default)]
+    pub add_response_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove_response_headers: Vec<String>,
+    #[serde(default)]
+    pub websocket_poll_mode: PollMode,
+    #[serde(default = "one")]
+    pub websocket_poll_timeout_ms: u64,
+    #[serde(default = "hundred")]
+    pub websocket_poll_max_timeout_ms: u64,
+    #[serde(default = "two")]
+    pub websocket_poll_backoff_multiplier: f64,
+}
+
+impl Default for RouteSecurity {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults of RouteSecurity")
+    }
+}
+
+fn ten_mib() -> u64 {
+    10 * 1024 * 1024
+}
+fn eight_kib() -> u64 {
+    8 * 1024
+}
+fn thirty() -> u64 {
+    30
+}
+fn ten() -> u64 {
+    10
+}
+fn eight() -> usize {
+    8
+}
+fn one() -> u64 {
+    1
+}
+fn hundred() -> u64 {
+    100
+}
+fn two() -> f64 {
+    2.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    IpHash,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    pub servers: Vec<UpstreamServer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A server of an upstream: `"https://host:443"` or `{ url = "...", sni_name = "..." }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum UpstreamServer {
+    Url(String),
+    Detailed(UpstreamServerDetail),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamServerDetail {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni_name: Option<String>,
+}
+
+impl UpstreamServer {
+    pub fn url(&self) -> &str {
+        match self {
+            UpstreamServer::Url(u) => u,
+            UpstreamServer::Detailed(d) => &d.url,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "ten")]
+    pub interval_secs: u64,
+    #[serde(default = "slash")]
+    pub path: String,
+    #[serde(default = "five")]
+    pub timeout_secs: u64,
+    #[serde(default = "healthy_statuses")]
+    pub healthy_statuses: Vec<u16>,
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+    #[serde(default = "two_u32")]
+    pub healthy_threshold: u32,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+fn five() -> u64 {
+    5
+}
+fn three() -> u32 {
+    3
+}
+fn two_u32() -> u32 {
+    2
+}
+fn healthy_statuses() -> Vec<u16> {
+    vec![200, 201, 202, 204, 301, 302, 304]
+}

@@ -1,0 +1,236 @@
+//! Logging for both kinds of process, behind the `log` facade.
+//!
+//! The master forks again and again, so it must never own a thread: it writes each line
+//! synchronously. A worker, once forked, switches the same global logger over to ftlog, whose
+//! background thread is started in the worker itself. `log::set_logger` can be called only
+//! once per process, so one dispatcher is installed at start and its sink is swapped.
+
+use super::config::LoggingConfig;
+use log::{LevelFilter, Log, Metadata, Record};
+use std::fmt::Display;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub fn parse_level(s: &str) -> Option<LevelFilter> {
+    Some(match s {
+        "trace" => LevelFilter::Trace,
+        "debug" => LevelFilter::Debug,
+        "info" => LevelFilter::Info,
+        "warn" => LevelFilter::Warn,
+        "error" => LevelFilter::Error,
+        "off" => LevelFilter::Off,
+        _ => return None,
+    })
+}
+
+enum Sink {
+    /// Synchronous lines to stderr: before any configuration is read.
+    Stderr,
+    /// Synchronous lines to stderr or a file: the master, and a worker before its logger starts.
+    Direct(Box<dyn Write + Send>),
+    /// ftlog's channel and thread: a worker once it serves.
+    Async(Box<dyn Log>),
+}
+
+struct Dispatcher {
+    /// `master` or `worker N`: printed on every line so one log can hold every process.
+    role: Mutex<String>,
+    sink: Mutex<Sink>,
+}
+
+static LOGGER: Dispatcher = Dispatcher {
+    role: Mutex::new(String::new()),
+    sink: Mutex::new(Sink::Stderr),
+};
+
+struct Stderr;
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stderr().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl Log for Dispatcher {
+    fn enabled(&self, m: &Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *sink {
+            Sink::Stderr => write_line(&mut Stderr, &self.role, record),
+            Sink::Direct(w) => write_line(w, &self.role, record),
+            Sink::Async(l) => l.log(record),
+        }
+    }
+
+    fn flush(&self) {
+        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *sink {
+            Sink::Stderr => {}
+            Sink::Direct(w) => {
+                let _ = w.flush();
+            }
+            Sink::Async(l) => l.flush(),
+        }
+    }
+}
+
+fn write_line(w: &mut dyn Write, role: &Mutex<String>, record: &Record) {
+    let role = role.lock().unwrap_or_else(|p| p.into_inner());
+    let line = format!(
+        "{} {:<5} [{}] {}\n",
+        timestamp(),
+        record.level(),
+        role,
+        record.args()
+    );
+    // One write per line: lines of several processes sharing a file do not interleave.
+    let _ = w.write_all(line.as_bytes());
+}
+
+/// Installs the dispatcher (first call) and points it at the configured file or stderr,
+/// writing synchronously. Called by the master at start and on every reload.
+pub fn init_direct(cfg: &LoggingConfig, role: &str) -> std::io::Result<()> {
+    let _ = log::set_logger(&LOGGER);
+    *LOGGER.role.lock().unwrap_or_else(|p| p.into_inner()) = role.to_string();
+    let writer: Box<dyn Write + Send> = match &cfg.file_path {
+        Some(path) => Box::new(open_log_file(path)?),
+        None => Box::new(Stderr),
+    };
+    *LOGGER.sink.lock().unwrap_or_else(|p| p.into_inner()) = Sink::Direct(writer);
+    log::set_max_level(parse_level(&cfg.level).unwrap_or(LevelFilter::Info));
+    Ok(())
+}
+
+/// Renames the process in log lines (a worker right after fork).
+pub fn set_role(role: &str) {
+    *LOGGER.role.lock().unwrap_or_else(|p| p.into_inner()) = role.to_string();
+}
+
+pub fn open_log_file(path: &str) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Where a worker's async logger writes: opened before privileges are dropped, so a log
+/// file that only root may open still works.
+pub fn open_output(cfg: &LoggingConfig) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(match &cfg.file_path {
+        Some(path) => Box::new(open_log_file(path)?),
+        None => Box::new(Stderr),
+    })
+}
+
+/// Switches this process to ftlog: a background thread, a bounded channel of
+/// `channel_size` lines, flushed every `flush_interval_ms`. Call after fork, in the worker.
+pub fn start_async(cfg: &LoggingConfig, output: Box<dyn Write + Send>) -> Result<(), String> {
+    let role = LOGGER
+        .role
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let level = parse_level(&cfg.level).unwrap_or(LevelFilter::Info);
+    let writer = IntervalFlush {
+        inner: std::io::BufWriter::new(output),
+        every: Duration::from_millis(cfg.flush_interval_ms),
+        last: Instant::now(),
+    };
+    let logger = ftlog::Builder::new()
+        .format(RoleFormat { role })
+        .time_format(
+            time_format(),
+        )
+        .utc()
+        .bounded(cfg.channel_size, false)
+        .max_log_level(level)
+        .root(writer)
+        .build()
+        .map_err(|e| format!("cannot start the logger: {e}"))?;
+    *LOGGER.sink.lock().unwrap_or_else(|p| p.into_inner()) = Sink::Async(Box::new(logger));
+    log::set_max_level(level);
+    Ok(())
+}
+
+fn time_format() -> time::format_description::OwnedFormatItem {
+    time::format_description::parse_owned::<1>(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z",
+    )
+    .expect("static time format")
+}
+
+struct RoleFormat {
+    role: String,
+}
+
+impl ftlog::FtLogFormat for RoleFormat {
+    fn msg(&self, record: &Record) -> Box<dyn Send + Sync + Display> {
+        Box::new(format!(
+            "{:<5} [{}] {}",
+            record.level(),
+            self.role,
+            record.args()
+        ))
+    }
+}
+
+/// Buffers lines and flushes at most every `every`, so a busy worker does one write per
+/// interval rather than one per line.
+struct IntervalFlush<W: Write> {
+    inner: std::io::BufWriter<W>,
+    every: Duration,
+    last: Instant,
+}
+
+impl<W: Write> Write for IntervalFlush<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if self.last.elapsed() >= self.every {
+            self.inner.flush()?;
+            self.last = Instant::now();
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.last = Instant::now();
+        self.inner.flush()
+    }
+}
+
+/// `2026-01-02T03:04:05.678Z`, computed without a time zone database (UTC).
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        now.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's algorithm.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}

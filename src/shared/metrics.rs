@@ -1,0 +1,231 @@
+//! Metric labels and the Prometheus text rendering of the shared-memory counters.
+//!
+//! Workers record into their own slot (`shm.rs`); any worker renders `/__metrics` by summing
+//! every slot ever used. Labels are bounded: methods are a fixed set plus `OTHER`, hosts the
+//! configured ones plus `other`, statuses three digits.
+
+use super::shm::{self, Hist, Region, DURATION_BUCKETS, NB, OVERFLOW_KEY, SIZE_BUCKETS};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::*;
+
+pub const METHODS: [&str; 10] = [
+    "OTHER", "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
+
+pub fn method_index(method: &str) -> u8 {
+    METHODS
+        .iter()
+        .skip(1)
+        .position(|m| *m == method)
+        .map_or(0, |i| i as u8 + 1)
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn counter(labels: Vec<LabelPair>, value: u64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+/// A histogram summed over slots, in f64 units after scaling the integer sum.
+#[derive(Default, Clone)]
+struct HistSum {
+    count: u64,
+    sum: u64,
+    buckets: [u64; NB],
+}
+
+impl HistSum {
+    fn add(&mut self, h: &Hist) {
+        self.count += h.count.load(Relaxed);
+        self.sum += h.sum.load(Relaxed);
+        for (b, v) in self.buckets.iter_mut().zip(&h.buckets) {
+            *b += v.load(Relaxed);
+        }
+    }
+
+    fn metric(&self, labels: Vec<LabelPair>, bounds: &[f64; NB], scale: f64) -> Metric {
+        let mut cumulative = 0;
+        let buckets = bounds
+            .iter()
+            .zip(self.buckets)
+            .map(|(bound, n)| {
+                cumulative += n;
+                let mut b = Bucket::default();
+                b.set_upper_bound(*bound);
+                // Never above the count: a reader may see a bucket before its count.
+                b.set_cumulative_count(cumulative.min(self.count));
+                b
+            })
+            .collect();
+        let mut h = Histogram::default();
+        h.set_sample_count(self.count);
+        h.set_sample_sum(self.sum as f64 * scale);
+        h.set_bucket(buckets);
+        let mut m = Metric::default();
+        m.set_label(labels);
+        m.set_histogram(h);
+        m
+    }
+}
+
+fn host_label(region: &Region, i: u16) -> String {
+    region
+        .header
+        .host_name(i as usize)
+        .unwrap_or_else(|| "other".into())
+}
+
+fn method_label(key: u64, m: u8) -> &'static str {
+    if key == OVERFLOW_KEY {
+        "OTHER"
+    } else {
+        METHODS.get(m as usize).copied().unwrap_or("OTHER")
+    }
+}
+
+/// Renders every metric in Prometheus' text format.
+pub fn render(region: &Region) -> String {
+    let mut requests: BTreeMap<u64, u64> = BTreeMap::default();
+    let mut durations: BTreeMap<u64, HistSum> = BTreeMap::default();
+    let mut req_sizes = HistSum::default();
+    let mut resp_sizes = HistSum::default();
+    let mut per_worker: BTreeMap<u64, u64> = BTreeMap::default();
+    let mut connections = 0i64;
+    for slot in region.used_slots() {
+        for e in &slot.req_counts {
+            let key = e.key.load(Acquire);
+            if key != 0 {
+                *requests.entry(key).or_default() += e.value.load(Relaxed);
+            }
+        }
+        for e in &slot.durations {
+            let key = e.key.load(Acquire);
+            if key != 0 {
+                durations.entry(key).or_default().add(&e.hist);
+            }
+        }
+        req_sizes.add(&slot.request_sizes);
+        resp_sizes.add(&slot.response_sizes);
+        *per_worker
+            .entry(slot.worker_index.load(Relaxed))
+            .or_default() += slot.requests.load(Relaxed);
+        if slot.state.load(Relaxed) != shm::STATE_FREE {
+            connections += slot.connections.load(Relaxed).max(0);
+        }
+    }
+
+    let request_metrics = requests
+        .iter()
+        .map(|(&key, &n)| {
+            let (m, h, s) = shm::split_key(key);
+            let status = if key == OVERFLOW_KEY { "other".to_string() } else { s.to_string() };
+            counter(
+                vec![
+                    label("host", &host_label(region, h)),
+                    label("method", method_label(key, m)),
+                    label("status", &status),
+                ],
+                n,
+            )
+        })
+        .collect();
+    let duration_metrics = durations
+        .iter()
+        .map(|(&key, hist)| {
+            let (m, h, _) = shm::split_key(key);
+            hist.metric(
+                vec![
+                    label("host", &host_label(region, h)),
+                    label("method", method_label(key, m)),
+                ],
+                &DURATION_BUCKETS,
+                1e-6,
+            )
+        })
+        .collect();
+    let worker_metrics = per_worker
+        .iter()
+        .map(|(w, n)| counter(vec![label("worker", &w.to_string())], *n))
+        .collect();
+    let mut gauge = Gauge::default();
+    gauge.set_value(connections as f64);
+    let mut conn_metric = Metric::default();
+    conn_metric.set_gauge(gauge);
+
+    let families = vec![
+        family(
+            "zerocopy_proxy_http_requests_total",
+            "HTTP requests answered, by method, status and host.",
+            MetricType::COUNTER,
+            request_metrics,
+        ),
+        family(
+            "zerocopy_proxy_http_request_duration_seconds",
+            "Time from request head to the end of the response, by method and host.",
+            MetricType::HISTOGRAM,
+            duration_metrics,
+        ),
+        family(
+            "zerocopy_proxy_http_request_size_bytes",
+            "Request body sizes.",
+            MetricType::HISTOGRAM,
+            vec![req_sizes.metric(vec![], &SIZE_BUCKETS, 1.0)],
+        ),
+        family(
+            "zerocopy_proxy_http_response_size_bytes",
+            "Response body sizes.",
+            MetricType::HISTOGRAM,
+            vec![resp_sizes.metric(vec![], &SIZE_BUCKETS, 1.0)],
+        ),
+        family(
+            "zerocopy_proxy_worker_requests_total",
+            "Requests answered by each worker index, over every generation.",
+            MetricType::COUNTER,
+            worker_metrics,
+        ),
+        family(
+            "zerocopy_proxy_worker_restarts_total",
+            "Workers re-forked after an unexpected exit.",
+            MetricType::COUNTER,
+            vec![counter(vec![], region.header.restarts.load(Relaxed))],
+        ),
+        family(
+            "zerocopy_proxy_active_connections",
+            "Client connections open now, over all workers.",
+            MetricType::GAUGE,
+            vec![conn_metric],
+        ),
+    ];
+    // The encoder refuses a family without samples (none yet after a fresh start).
+    let families: Vec<_> = families
+        .into_iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .collect();
+    let mut out = Vec::with_capacity(16 * 1024);
+    let encoded = TextEncoder::new().encode(&families, &mut out);
+    debug_assert!(encoded.is_ok());
+    String::from_utf8(out).unwrap_or_default()
+}

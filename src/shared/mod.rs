@@ -1,0 +1,67 @@
+//! What the master and the workers both use: the config schema and its validation, the
+//! shared-memory layout, metric rendering, logging, and the hand-over from master to worker.
+
+pub mod config;
+pub mod log;
+pub mod metrics;
+pub mod shm;
+pub mod url;
+pub mod validate;
+
+use config::Config;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+/// Everything a freshly forked worker receives from the master.
+pub struct WorkerStart {
+    /// Worker index within its generation: it serves socket `index` of every listen group.
+    pub index: usize,
+    /// Its slot in the shared-memory region.
+    pub slot: usize,
+    pub config: Arc<Config>,
+    /// Whether `config` is the built-in default (no config file).
+    pub builtin: bool,
+    /// This worker's own socket of each listen group (`server.listen`, then `http_listen`).
+    pub listeners: Vec<TcpListener>,
+    pub shm: &'static shm::Region,
+    /// uid/gid to switch to, resolved by the master while validating.
+    pub user: Option<(u32, u32)>,
+    pub group: Option<u32>,
+}
+
+/// The worker entry point, handed to the master by `main` so that `master` never depends on
+/// `worker`. It never returns.
+pub type WorkerMain = fn(WorkerStart) -> !;
+
+/// uid and primary gid of `name`.
+pub fn resolve_user(name: &str) -> Option<(u32, u32)> {
+    let u = nix::unistd::User::from_name(name).ok().flatten()?;
+    Some((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+pub fn resolve_group(name: &str) -> Option<u32> {
+    let g = nix::unistd::Group::from_name(name).ok().flatten()?;
+    Some(g.gid.as_raw())
+}
+
+/// The configuration used when no config file is given and `./config.toml` does not exist:
+/// plain HTTP on 127.0.0.1:8080 with a welcome page and `/__metrics`.
+pub fn builtin_config() -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:8080".into();
+    c
+}
+
+/// Number of online CPUs.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Workers per generation: `server.threads`, or one per core when 0.
+pub fn worker_count(c: &Config) -> usize {
+    if c.server.threads == 0 {
+        cpu_count()
+    } else {
+        c.server.threads
+    }
+}

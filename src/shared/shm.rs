@@ -1,0 +1,305 @@
+//! The shared-memory region: what every process of the server must agree on.
+//!
+//! Protocol
+//! --------
+//! * The first master creates one memfd of `size_of::<Region>()` bytes, maps it shared and
+//!   keeps the fd for its whole life (a binary upgrade hands the fd on). Workers inherit the
+//!   mapping across `fork`; nothing is ever copied or serialised.
+//! * `Region` is `repr(C)` and made only of atomics and write-once byte arrays, so the same
+//!   memory is valid in every process. `Header::layout` holds `LAYOUT_VERSION`; a process that
+//!   finds another value refuses the region.
+//! * Writers: the master alone writes the header (restart counter, host table) and the slot
+//!   bookkeeping (`owner_pid`, `worker_index`, `generation`). A worker writes only the
+//!   counters of its own slot, with relaxed atomics: one writer per cache line, no locks.
+//! * Readers: `/__metrics` in any worker sums every slot that was ever used. Slots are reused
+//!   (a new worker takes a free slot of the same worker index) but never zeroed, so a counter
+//!   summed over all slots never goes back — not on reload, crash or upgrade.
+//! * The host table is append-only: host names are written before `host_count` is published
+//!   with `Release`, and read only below the `Acquire`d count.
+
+use std::cell::UnsafeCell;
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
+
+pub const LAYOUT_VERSION: u64 = 1;
+const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
+
+pub const MAX_SLOTS: usize = 256;
+/// Host label 0 is `other`; configured hosts take 1..MAX_HOSTS.
+pub const MAX_HOSTS: usize = 256;
+pub const HOST_NAME_LEN: usize = 120;
+const REQ_ENTRIES: usize = 1024;
+const DUR_ENTRIES: usize = 256;
+
+/// Request-duration buckets, seconds (Prometheus' defaults).
+pub const DURATION_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Body-size buckets, bytes.
+pub const SIZE_BUCKETS: [f64; 11] = [
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+];
+pub const NB: usize = 11;
+
+pub const STATE_FREE: u64 = 0;
+pub const STATE_STARTING: u64 = 1;
+pub const STATE_SERVING: u64 = 2;
+pub const STATE_DRAINING: u64 = 3;
+
+/// Key of an entry that could not get a table entry of its own (table full).
+pub const OVERFLOW_KEY: u64 = u64::MAX;
+const NEVER_USED: u64 = u64::MAX;
+
+#[repr(C)]
+pub struct HostName {
+    len: AtomicU64,
+    bytes: UnsafeCell<[u8; HOST_NAME_LEN]>,
+}
+
+#[repr(C)]
+pub struct Header {
+    magic: AtomicU64,
+    layout: AtomicU64,
+    /// Workers re-forked after an unexpected death, over the server's life.
+    pub restarts: AtomicU64,
+    host_count: AtomicU64,
+    hosts: [HostName; MAX_HOSTS],
+}
+
+/// A histogram: per-bucket counts (not cumulative), count and sum in integer units
+/// (microseconds or bytes) so concurrent readers see exact, monotonic values.
+#[repr(C)]
+pub struct Hist {
+    pub count: AtomicU64,
+    pub sum: AtomicU64,
+    pub buckets: [AtomicU64; NB],
+}
+
+#[repr(C)]
+pub struct CountEntry {
+    pub key: AtomicU64,
+    pub value: AtomicU64,
+}
+
+#[repr(C)]
+pub struct HistEntry {
+    pub key: AtomicU64,
+    pub hist: Hist,
+}
+
+#[repr(C, align(64))]
+pub struct Slot {
+    pub owner_pid: AtomicI64,
+    pub worker_index: AtomicU64,
+    pub state: AtomicU64,
+    pub generation: AtomicU64,
+    pub requests: AtomicU64,
+    /// Open client connections of this worker; zeroed by the master when the worker dies.
+    pub connections: AtomicI64,
+    pub req_counts: [CountEntry; REQ_ENTRIES],
+    pub durations: [HistEntry; DUR_ENTRIES],
+    pub request_sizes: Hist,
+    pub response_sizes: Hist,
+}
+
+#[repr(C)]
+pub struct Region {
+    pub header: Header,
+    pub slots: [Slot; MAX_SLOTS],
+}
+
+// Safety: every field is an atomic, except the host names, which follow the publish protocol
+// described at the top of this file.
+unsafe impl Sync for Region {}
+
+/// The mapping and the memfd behind it.
+pub struct Shm {
+    region: &'static Region,
+    /// Kept open for the master's life: the region is handed on by fd.
+    _fd: OwnedFd,
+}
+
+impl Shm {
+    /// Creates a fresh, zeroed region (the first master).
+    pub fn create() -> std::io::Result<Shm> {
+        let raw = unsafe {
+            libc::memfd_create(c"zerocopy-shm".as_ptr(), libc::MFD_CLOEXEC)
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let file = File::from(fd.try_clone()?);
+        file.set_len(std::mem::size_of::<Region>() as u64)?;
+        let shm = Self::map(fd)?;
+        shm.region.header.magic.store(MAGIC, Relaxed);
+        shm.region.header.layout.store(LAYOUT_VERSION, Relaxed);
+        for slot in &shm.region.slots {
+            slot.worker_index.store(NEVER_USED, Relaxed);
+        }
+        Ok(shm)
+    }
+
+    fn map(fd: OwnedFd) -> std::io::Result<Shm> {
+        let file = File::from(fd.try_clone()?);
+        if file.metadata()?.len() < std::mem::size_of::<Region>() as u64 {
+            return Err(std::io::Error::other("shared memory region is too small"));
+        }
+        let map = unsafe { memmap2::MmapOptions::new().len(std::mem::size_of::<Region>()).map_mut(&file)? };
+        // The mapping lives as long as the process: leak it to get a 'static reference.
+        let map = Box::leak(Box::new(map));
+        let region = unsafe { &*(map.as_ptr() as *const Region) };
+        Ok(Shm { region, _fd: fd })
+    }
+
+    pub fn region(&self) -> &'static Region {
+        self.region
+    }
+}
+
+impl Header {
+    pub fn host_count(&self) -> usize {
+        self.host_count.load(Acquire) as usize
+    }
+
+    /// Host name of label index `i` (1-based; 0 is `other`).
+    pub fn host_name(&self, i: usize) -> Option<String> {
+        if i == 0 || i > self.host_count() {
+            return None;
+        }
+        let h = &self.hosts[i - 1];
+        let len = h.len.load(Acquire) as usize;
+        let bytes = unsafe { &*h.bytes.get() };
+        Some(String::from_utf8_lossy(&bytes[..len.min(HOST_NAME_LEN)]).into_owned())
+    }
+
+    /// Label index of `name`, if it is in the table.
+    pub fn find_host(&self, name: &str) -> Option<u16> {
+        (1..=self.host_count())
+            .find(|&i| self.host_name(i).as_deref() == Some(name))
+            .map(|i| i as u16)
+    }
+
+    /// Adds `name` to the host table (master only). `None` when the table is full or the name
+    /// too long: such a host is counted as `other`.
+    pub fn register_host(&self, name: &str) -> Option<u16> {
+        if let Some(i) = self.find_host(name) {
+            return Some(i);
+        }
+        let n = self.host_count();
+        if n >= MAX_HOSTS - 1 || name.len() > HOST_NAME_LEN {
+            return None;
+        }
+        let h = &self.hosts[n];
+        unsafe { (&mut *h.bytes.get())[..name.len()].copy_from_slice(name.as_bytes()) };
+        h.len.store(name.len() as u64, Release);
+        self.host_count.store(n as u64 + 1, Release);
+        Some(n as u16 + 1)
+    }
+}
+
+impl Region {
+    /// Picks a slot for a new worker of index `worker_index` (master only): a free slot that
+    /// this index used before, else one never used. Counters in it are kept, not reset.
+    pub fn claim_slot(&self, worker_index: usize, generation: u64) -> Option<usize> {
+        let wi = worker_index as u64;
+        let free = |s: &Slot| s.state.load(Acquire) == STATE_FREE;
+        let pick = self
+            .slots
+            .iter()
+            .position(|s| free(s) && s.worker_index.load(Relaxed) == wi)
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .position(|s| free(s) && s.worker_index.load(Relaxed) == NEVER_USED)
+            })?;
+        let s = &self.slots[pick];
+        s.worker_index.store(wi, Relaxed);
+        s.generation.store(generation, Relaxed);
+        s.owner_pid.store(0, Relaxed);
+        s.connections.store(0, Relaxed);
+        s.state.store(STATE_STARTING, Release);
+        Some(pick)
+    }
+
+    /// Returns a dead worker's slot to the pool (master only).
+    pub fn release_slot(&self, slot: usize) {
+        let s = &self.slots[slot];
+        s.connections.store(0, Relaxed);
+        s.owner_pid.store(0, Relaxed);
+        s.state.store(STATE_FREE, Release);
+    }
+
+    /// Every slot that has ever been used: the ones whose counters must be summed.
+    pub fn used_slots(&self) -> impl Iterator<Item = &Slot> {
+        self.slots
+            .iter()
+            .filter(|s| s.worker_index.load(Relaxed) != NEVER_USED)
+    }
+}
+
+impl Hist {
+    pub fn observe(&self, buckets: &[f64; NB], value: f64, units: u64) {
+        if let Some(i) = buckets.iter().position(|b| value <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.sum.fetch_add(units, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+}
+
+impl Slot {
+    /// The request counter for `key` (method, host, status), claiming an entry on first use.
+    /// Only the slot's own worker calls this, so claiming needs no compare-and-swap.
+    pub fn count(&self, key: u64) -> &AtomicU64 {
+        &self.req_counts[find_entry(&self.req_counts, key, |e| &e.key)].value
+    }
+
+    pub fn duration(&self, key: u64) -> &Hist {
+        &self.durations[find_entry(&self.durations, key, |e| &e.key)].hist
+    }
+}
+
+/// Open addressing with linear probing; the last entry is reserved for overflow.
+fn find_entry<E>(table: &[E], key: u64, key_of: impl Fn(&E) -> &AtomicU64) -> usize {
+    let usable = table.len() - 1;
+    let start = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize % usable;
+    for probe in 0..usable {
+        let i = (start + probe) % usable;
+        let k = key_of(&table[i]).load(Acquire);
+        if k == key {
+            return i;
+        }
+        if k == 0 {
+            key_of(&table[i]).store(key, Release);
+            return i;
+        }
+    }
+    key_of(&table[usable]).store(OVERFLOW_KEY, Release);
+    usable
+}
+
+/// Label key of a request counter: method index, host index, status code.
+pub fn count_key(method: u8, host: u16, status: u16) -> u64 {
+    (1 << 48) | (u64::from(method) << 32) | (u64::from(host) << 16) | u64::from(status)
+}
+
+pub fn duration_key(method: u8, host: u16) -> u64 {
+    (1 << 48) | (u64::from(method) << 32) | (u64::from(host) << 16)
+}
+
+/// (method, host, status) of a label key.
+pub fn split_key(key: u64) -> (u8, u16, u16) {
+    (((key >> 32) & 0xff) as u8, ((key >> 16) & 0xffff) as u16, (key & 0xffff) as u16)
+}

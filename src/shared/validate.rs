@@ -1,0 +1,473 @@
+//! Loading and validating a config file. Every error names the file and the key; syntax and
+//! type errors carry toml's line number. Everything that can be checked is checked in one pass
+//! and all errors are returned together, so `-t` shows them all at once.
+
+use super::config::*;
+use super::url::BackendUrl;
+use ipnet::IpNet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: ", self.file, line)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Collects errors for one file.
+struct Errors {
+    file: String,
+    list: Vec<ConfigError>,
+}
+
+impl Errors {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.clone(),
+            line: None,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Reads, parses and validates `path`.
+pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: file.clone(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        }]
+    })?;
+    load_str(&text, &file)
+}
+
+/// Parses and validates config text; `file` names it in errors.
+pub fn load_str(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
+    let config: Config = toml::from_str(text).map_err(|e| vec![toml_error(text, file, &e)])?;
+    validate(&config, file)?;
+    Ok(config)
+}
+
+fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let key = e.span().map(|s| enclosing_table(text, s.start)).unwrap_or_default();
+    ConfigError {
+        file: file.to_string(),
+        line,
+        key,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// The `[table]` header in force at byte offset `at`, to name the section of a parse error.
+fn enclosing_table(text: &str, at: usize) -> String {
+    text[..at.min(text.len())]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string())
+        .unwrap_or_default()
+}
+
+pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
+    let mut e = Errors {
+        file: file.to_string(),
+        list: Vec::new(),
+    };
+    validate_server(c, &mut e);
+    validate_logging(&c.logging, &mut e);
+    validate_security(&c.security, &mut e);
+    if let Some(tls) = &c.tls {
+        check_file(&tls.cert_path, "tls.cert_path", "TLS certificate file", &mut e);
+        check_file(&tls.key_path, "tls.key_path", "TLS private key file", &mut e);
+    }
+    for (host, route) in &c.host_routes {
+        check_host(host, &format!("host_routes.\"{host}\""), &mut e);
+        validate_route(c, route, &format!("host_routes.\"{host}\""), &mut e);
+    }
+    for (host, paths) in &c.path_routes {
+        check_host(host, &format!("path_routes.\"{host}\""), &mut e);
+        for (prefix, route) in paths {
+            let key = format!("path_routes.\"{host}\".\"{prefix}\"");
+            if !prefix.starts_with('/') {
+                e.add(&key, "a route path must start with `/`");
+            }
+            validate_route(c, route, &key, &mut e);
+        }
+    }
+    for (name, up) in &c.upstreams {
+        validate_upstream(up, &format!("upstreams.\"{name}\""), &mut e);
+    }
+    if e.list.is_empty() {
+        Ok(())
+    } else {
+        Err(e.list)
+    }
+}
+
+fn validate_server(c: &Config, e: &mut Errors) {
+    if c.server.listen.parse::<SocketAddr>().is_err() {
+        e.add(
+            "server.listen",
+            format!("invalid socket address: {}", c.server.listen),
+        );
+    }
+    if let Some(http) = &c.server.http_listen {
+        if http.parse::<SocketAddr>().is_err() {
+            e.add("server.http_listen", format!("invalid socket address: {http}"));
+        } else if *http == c.server.listen {
+            e.add("server.http_listen", "must differ from server.listen");
+        }
+    }
+    if c.server.threads > 1024 {
+        e.add("server.threads", "at most 1024 workers");
+    }
+    if let Some(pid) = &c.server.pid_file {
+        check_parent_dir(pid, "server.pid_file", e);
+    }
+}
+
+fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
+    if super::log::parse_level(&l.level).is_none() {
+        e.add(
+            "logging.level",
+            format!(
+                "invalid log level `{}` (trace, debug, info, warn, error, off)",
+                l.level
+            ),
+        );
+    }
+    if l.channel_size == 0 {
+        e.add("logging.channel_size", "must be at least 1");
+    }
+    if l.flush_interval_ms == 0 {
+        e.add("logging.flush_interval_ms", "must be at least 1");
+    }
+    if let Some(p) = &l.file_path {
+        check_parent_dir(p, "logging.file_path", e);
+    }
+}
+
+fn validate_security(s: &GlobalSecurity, e: &mut Errors) {
+    if let Some(user) = &s.drop_privileges_user {
+        match nix::unistd::User::from_name(user) {
+            Ok(Some(_)) => {}
+            _ => e.add(
+                "security.drop_privileges_user",
+                format!("unknown user `{user}`"),
+            ),
+        }
+    }
+    if let Some(group) = &s.drop_privileges_group {
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(_)) => {}
+            _ => e.add(
+                "security.drop_privileges_group",
+                format!("unknown group `{group}`"),
+            ),
+        }
+    }
+}
+
+fn check_host(host: &str, key: &str, e: &mut Errors) {
+    let valid = host == "*"
+        || (!host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b)));
+    if !valid {
+        e.add(key, format!("invalid host name `{host}`"));
+    }
+}
+
+fn validate_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
+    let mut not_for = |present: bool, name: &str| {
+        if present {
+            e.add(
+                format!("{key}.{name}"),
+                format!("does not apply to a route of type {:?}", r.kind),
+            );
+        }
+    };
+    let file_keys = [
+        (r.path.is_some(), "path"),
+        (r.mode.is_some(), "mode"),
+        (r.index.is_some(), "index"),
+    ];
+    let proxy_keys = [
+        (r.url.is_some(), "url"),
+        (r.upstream.is_some(), "upstream"),
+        (r.sni_name.is_some(), "sni_name"),
+    ];
+    let redirect_keys = [
+        (r.redirect_url.is_some(), "redirect_url"),
+        (r.redirect_status.is_some(), "redirect_status"),
+        (r.preserve_path.is_some(), "preserve_path"),
+    ];
+    let foreign: Vec<_> = match r.kind {
+        RouteType::File => proxy_keys.iter().chain(&redirect_keys).collect(),
+        RouteType::Proxy => file_keys.iter().chain(&redirect_keys).collect(),
+        RouteType::Redirect => file_keys.iter().chain(&proxy_keys).collect(),
+    };
+    for (present, name) in foreign {
+        not_for(*present, name);
+    }
+    match r.kind {
+        RouteType::File => validate_file_route(r, key, e),
+        RouteType::Proxy => validate_proxy_route(c, r, key, e),
+        RouteType::Redirect => validate_redirect_route(r, key, e),
+    }
+    validate_route_security(&r.security, &format!("{key}.security"), e);
+}
+
+fn validate_file_route(r: &Route, key: &str, e: &mut Errors) {
+    match &r.path {
+        None => e.add(format!("{key}.path"), "a File route needs `path`"),
+        Some(p) => {
+            if std::fs::metadata(p).is_err() {
+                e.add(
+                    format!("{key}.path"),
+                    format!("file or directory not found: {p}"),
+                );
+            }
+        }
+    }
+    if let Some(index) = &r.index {
+        if index.is_empty() || index.contains('/') || index == ".." {
+            e.add(
+                format!("{key}.index"),
+                "must be a plain file name such as `index.html`",
+            );
+        }
+    }
+}
+
+fn validate_proxy_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
+    match (&r.url, &r.upstream) {
+        (Some(_), Some(_)) => e.add(key, "a Proxy route takes `url` or `upstream`, not both"),
+        (None, None) => e.add(key, "a Proxy route needs `url` or `upstream`"),
+        (Some(url), None) => match BackendUrl::parse(url) {
+            Ok(u) => {
+                if r.sni_name.is_some() && !u.tls {
+                    e.add(format!("{key}.sni_name"), "applies only to an https:// url");
+                }
+            }
+            Err(why) => e.add(format!("{key}.url"), format!("invalid proxy URL `{url}`: {why}")),
+        },
+        (None, Some(name)) => {
+            if !c.upstreams.contains_key(name) {
+                e.add(
+                    format!("{key}.upstream"),
+                    format!("upstream `{name}` not found"),
+                );
+            }
+            if r.sni_name.is_some() {
+                e.add(
+                    format!("{key}.sni_name"),
+                    "set sni_name on the upstream's servers, not on a route that uses `upstream`",
+                );
+            }
+        }
+    }
+}
+
+fn validate_redirect_route(r: &Route, key: &str, e: &mut Errors) {
+    match &r.redirect_url {
+        None => e.add(
+            format!("{key}.redirect_url"),
+            "a Redirect route needs `redirect_url`",
+        ),
+        Some(u) if u.is_empty() || u.bytes().any(|b| b.is_ascii_control() || b == b' ') => e.add(
+            format!("{key}.redirect_url"),
+            "must be a non-empty URL without spaces or control characters",
+        ),
+        Some(_) => {}
+    }
+    if let Some(s) = r.redirect_status {
+        if ![301, 302, 303, 307, 308].contains(&s) {
+            e.add(
+                format!("{key}.redirect_status"),
+                format!("{s} is not one of 301, 302, 303, 307, 308"),
+            );
+        }
+    }
+}
+
+fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
+    for m in &s.allowed_methods {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+            e.add(
+                format!("{key}.allowed_methods"),
+                format!("invalid HTTP method `{m}` (methods are upper-case tokens such as GET)"),
+            );
+        }
+    }
+    for (name, list) in [("allowed_ips", &s.allowed_ips), ("denied_ips", &s.denied_ips)] {
+        for ip in list.iter() {
+            if parse_cidr(ip).is_none() {
+                e.add(
+                    format!("{key}.{name}"),
+                    format!("invalid IP address or CIDR `{ip}`"),
+                );
+            }
+        }
+    }
+    if s.max_request_header_size < 1024 || s.max_request_header_size > 1024 * 1024 {
+        e.add(
+            format!("{key}.max_request_header_size"),
+            "must be between 1024 and 1048576 bytes",
+        );
+    }
+    for (name, v) in [
+        ("client_header_timeout_secs", s.client_header_timeout_secs),
+        ("client_body_timeout_secs", s.client_body_timeout_secs),
+        ("backend_connect_timeout_secs", s.backend_connect_timeout_secs),
+        ("idle_connection_timeout_secs", s.idle_connection_timeout_secs),
+        ("websocket_poll_timeout_ms", s.websocket_poll_timeout_ms),
+    ] {
+        if v == 0 {
+            e.add(format!("{key}.{name}"), "must be at least 1");
+        }
+    }
+    if s.websocket_poll_max_timeout_ms < s.websocket_poll_timeout_ms {
+        e.add(
+            format!("{key}.websocket_poll_max_timeout_ms"),
+            "must not be smaller than websocket_poll_timeout_ms",
+        );
+    }
+    if !(s.websocket_poll_backoff_multiplier >= 1.0 && s.websocket_poll_backoff_multiplier <= 100.0)
+    {
+        e.add(
+            format!("{key}.websocket_poll_backoff_multiplier"),
+            "must be between 1.0 and 100.0",
+        );
+    }
+    let headers = [
+        ("add_request_headers", s.add_request_headers.keys().collect::<Vec<_>>()),
+        ("add_response_headers", s.add_response_headers.keys().collect()),
+        ("remove_request_headers", s.remove_request_headers.iter().collect()),
+        ("remove_response_headers", s.remove_response_headers.iter().collect()),
+    ];
+    for (name, list) in headers {
+        for h in list {
+            if !is_token(h) {
+                e.add(format!("{key}.{name}"), format!("invalid header name `{h}`"));
+            }
+        }
+    }
+    for (name, map) in [
+        ("add_request_headers", &s.add_request_headers),
+        ("add_response_headers", &s.add_response_headers),
+    ] {
+        for (h, v) in map {
+            if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                e.add(
+                    format!("{key}.{name}.{h}"),
+                    "header values cannot contain CR, LF or NUL",
+                );
+            }
+        }
+    }
+}
+
+fn validate_upstream(u: &Upstream, key: &str, e: &mut Errors) {
+    if u.servers.is_empty() {
+        e.add(format!("{key}.servers"), "an upstream needs at least one server");
+    }
+    for s in &u.servers {
+        match BackendUrl::parse(s.url()) {
+            Ok(parsed) => {
+                if let UpstreamServer::Detailed(d) = s {
+                    if d.sni_name.is_some() && !parsed.tls {
+                        e.add(
+                            format!("{key}.servers"),
+                            format!("sni_name applies only to an https:// url ({})", d.url),
+                        );
+                    }
+                }
+            }
+            Err(why) => e.add(
+                format!("{key}.servers"),
+                format!("invalid upstream URL `{}`: {why}", s.url()),
+            ),
+        }
+    }
+    if let Some(h) = &u.health_check {
+        let hk = format!("{key}.health_check");
+        if h.interval_secs == 0 {
+            e.add(format!("{hk}.interval_secs"), "must be at least 1");
+        }
+        if h.timeout_secs == 0 {
+            e.add(format!("{hk}.timeout_secs"), "must be at least 1");
+        }
+        if !h.path.starts_with('/') {
+            e.add(format!("{hk}.path"), "must start with `/`");
+        }
+        if h.healthy_statuses.is_empty() || h.healthy_statuses.iter().any(|s| !(100..=599).contains(s)) {
+            e.add(
+                format!("{hk}.healthy_statuses"),
+                "must list status codes between 100 and 599",
+            );
+        }
+        if h.unhealthy_threshold == 0 {
+            e.add(format!("{hk}.unhealthy_threshold"), "must be at least 1");
+        }
+        if h.healthy_threshold == 0 {
+            e.add(format!("{hk}.healthy_threshold"), "must be at least 1");
+        }
+    }
+}
+
+fn check_file(path: &str, key: &str, what: &str, e: &mut Errors) {
+    if !Path::new(path).is_file() {
+        e.add(key, format!("{what} not found: {path}"));
+    }
+}
+
+fn check_parent_dir(path: &str, key: &str, e: &mut Errors) {
+    let parent = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        e.add(key, format!("directory does not exist: {}", parent.display()));
+    }
+}
+
+/// `192.168.0.0/16`, `10.1.2.3`, `::1`, `2001:db8::/32`.
+pub fn parse_cidr(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// An RFC 9110 token (header names, methods).
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}

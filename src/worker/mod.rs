@@ -1,0 +1,130 @@
+//! One worker process: pinned to a core, one single-threaded monoio runtime, unprivileged.
+//! It serves the sockets it was handed until the master tells it to drain (SIGQUIT) or to
+//! stop (SIGTERM/SIGINT).
+
+mod conn;
+mod files;
+mod http;
+mod recorder;
+mod router;
+mod server;
+mod signals;
+
+use crate::shared::config::Config;
+use crate::shared::{self, WorkerStart};
+use monoio::{FusionDriver, RuntimeBuilder};
+use std::rc::Rc;
+
+/// io_uring submission-queue entries: ring memory counts against a small memlock budget
+/// shared by every process of the user, so rings stay modest.
+const RING_ENTRIES: u32 = 256;
+const EXIT_STARTUP_FAILED: i32 = 2;
+
+/// The worker entry point (`shared::WorkerMain`), called in the child right after fork.
+pub fn run(start: WorkerStart) -> ! {
+    shared::log::set_role(&format!("worker {}", start.index));
+    match serve(start) {
+        Ok(()) => exit(0),
+        Err(e) => {
+            log::error!("{e}");
+            exit(EXIT_STARTUP_FAILED)
+        }
+    }
+}
+
+fn exit(code: i32) -> ! {
+    log::logger().flush();
+    std::process::exit(code)
+}
+
+fn serve(start: WorkerStart) -> Result<(), String> {
+    let cores = shared::cpu_count();
+    pin_to_core(start.index % cores);
+    let uring = monoio::utils::detect_uring();
+    let mut runtime = RuntimeBuilder::<FusionDriver>::new()
+        .with_entries(RING_ENTRIES)
+        .enable_timer()
+        .build()
+        .map_err(|e| format!("cannot build the runtime: {e}"))?;
+    let config: &Config = &start.config;
+    let router = router::Router::build(config, start.builtin)
+        .map_err(|e| format!("cannot build the routes: {e}"))?;
+    let log_output = shared::log::open_output(&config.logging)
+        .map_err(|e| format!("cannot open the log file: {e}"))?;
+    drop_privileges(&start)?;
+    shared::log::start_async(&config.logging, log_output)?;
+    if !uring {
+        log::warn!("io_uring is not available here: using the epoll driver");
+    }
+    log_inactive_keys(config, start.index);
+    let signals = signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let ctx = Rc::new(server::Ctx::new(&start, router));
+    runtime.block_on(server::run(ctx, start.listeners, signals));
+    Ok(())
+}
+
+fn pin_to_core(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(core).is_ok() {
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            log::warn!("cannot pin to core {core}: {e}");
+        }
+    }
+}
+
+fn drop_privileges(start: &WorkerStart) -> Result<(), String> {
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    let gid = start.group.or(start.user.map(|(_, g)| g));
+    if let Some(gid) = gid {
+        let gid = Gid::from_raw(gid);
+        setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+        setgid(gid).map_err(|e| format!("setgid({gid}): {e}"))?;
+    }
+    if let Some((uid, _)) = start.user {
+        setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid({uid}): {e}"))?;
+    }
+    Ok(())
+}
+
+/// Keys whose behaviour is not built yet are validated; say so once, from worker 0.
+fn log_inactive_keys(c: &Config, index: usize) {
+    if index != 0 {
+        return;
+    }
+    let mut notes = Vec::new();
+    if c.tls.is_some() {
+        notes.push("[tls] (TLS termination): `listen` serves plain HTTP".to_string());
+    }
+    if c.security.max_concurrent_connections != 0 {
+        notes.push("security.max_concurrent_connections".into());
+    }
+    if c.performance.huge_pages_enabled {
+        notes.push("performance.huge_pages_enabled".into());
+    }
+    if c.logging.file_path.is_some() && c.logging.max_log_size != 0 {
+        notes.push("logging.max_log_size (use logrotate)".into());
+    }
+    let routes = c
+        .host_routes
+        .values()
+        .chain(c.path_routes.values().flat_map(|p| p.values()));
+    let mut proxy = false;
+    let mut limits = false;
+    for r in routes {
+        proxy |= r.kind == crate::shared::config::RouteType::Proxy;
+        let s = &r.security;
+        limits |= s.rate_limit_requests_per_min != 0;
+    }
+    if proxy {
+        notes.push("Proxy routes (answer 501 until the reverse proxy lands)".into());
+    }
+    if limits {
+        notes.push("security.rate_limit_requests_per_min".into());
+    }
+    if !c.upstreams.is_empty() {
+        notes.push("[upstreams] (load balancing, health checks)".into());
+    }
+    for n in notes {
+        log::warn!("not active yet: {n}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Request routing: the host table first (`host_routes`, then `path_routes` of that host),
+//! then the longest path prefix in a matchit tree. Built once per generation, in the worker.
+//!
+//! Host names match case-insensitively with any port removed. A host `"*"` catches requests
+//! whose Host matches no configured host; without it they get 404.
+//!
+//! A route prefix `/p` (with or without a trailing slash) matches `/p`, `/p/` and `/p/...`, but
+//! not `/px`; the part after the prefix (`rest`, starting with `/` or empty) goes to the
+//! handler.
+
+use crate::shared::config::{Config, FileMode, Route, RouteSecurity, RouteType};
+use ipnet::IpNet;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+pub struct RouteEntry {
+    /// The route's key as configured, for logs.
+    pub name: String,
+    pub handler: Handler,
+    pub security: RouteSecurity,
+    pub allowed: Vec<IpNet>,
+    pub denied: Vec<IpNet>,
+}
+
+pub enum Handler {
+    File(FileRoute),
+    Redirect(RedirectRoute),
+    /// Proxy routes are validated; forwarding arrives with the reverse-proxy work.
+    Proxy,
+    /// The built-in welcome page.
+    Welcome,
+}
+
+pub struct FileRoute {
+    pub root: PathBuf,
+    pub is_dir: bool,
+    pub index: String,
+    /// `mode = "memory"`: file contents by resolved path, read when the generation starts.
+    pub cache: HashMap<PathBuf, Bytes>,
+}
+
+pub struct RedirectRoute {
+    pub url: String,
+    pub status: u16,
+    pub preserve_path: bool,
+}
+
+enum HostRoutes {
+    Whole(Rc<RouteEntry>),
+    Paths(matchit::Router<Rc<RouteEntry>>),
+}
+
+pub struct Router {
+    hosts: HashMap<String, HostRoutes>,
+    wildcard: Option<HostRoutes>,
+}
+
+pub struct Matched<'a> {
+    pub route: &'a RouteEntry,
+    /// The path after the route's prefix: empty or starting with `/`.
+    pub rest: String,
+}
+
+impl Router {
+    pub fn build(config: &Config, builtin: bool) -> Result<Router, String> {
+        let mut hosts = HashMap::new();
+        let mut wildcard = None;
+        if builtin {
+            let entry = Rc::new(entry("welcome".into(), Handler::Welcome, &Route::default()));
+            wildcard = Some(HostRoutes::Whole(entry));
+        }
+        for (host, route) in &config.host_routes {
+            let e = Rc::new(entry(format!("host_routes.{host}"), handler(route)?, route));
+            insert(&mut hosts, &mut wildcard, host, HostRoutes::Whole(e));
+        }
+        for (host, paths) in &config.path_routes {
+            if config.host_routes.contains_key(host) {
+                log::warn!("path_routes.\"{host}\" is shadowed: host_routes.\"{host}\" takes every request of that host");
+                continue;
+            }
+            let mut tree = matchit::Router::new();
+            for (prefix, route) in paths {
+                let e = Rc::new(entry(
+                    format!("path_routes.{host}.{prefix}"),
+                    handler(route)?,
+                    route,
+                ));
+                let base = escape(prefix.trim_end_matches('/'));
+                for pattern in [
+                    if base.is_empty() { "/".to_string() } else { base.clone() },
+                    format!("{base}/{{*rest}}"),
+                ] {
+                    // `/docs` and `/docs/` are one route: the second insert is a duplicate.
+                    let _ = tree.insert(pattern, e.clone());
+                }
+            }
+            insert(&mut hosts, &mut wildcard, host, HostRoutes::Paths(tree));
+        }
+        Ok(Router { hosts, wildcard })
+    }
+
+    /// `host` is the Host header's name, already lower-cased and without port.
+    pub fn route<'a>(&'a self, host: &str, path: &str) -> Option<Matched<'a>> {
+        let routes = self.hosts.get(host).or(self.wildcard.as_ref())?;
+        match routes {
+            HostRoutes::Whole(e) => Some(Matched {
+                route: e,
+                rest: path.to_string(),
+            }),
+            HostRoutes::Paths(tree) => {
+                let m = tree.at(path).ok()?;
+                let rest = m.params.get("rest").map(|r| format!("/{r}"));
+                let rest = rest.unwrap_or_default();
+                Some(Matched { route: m.value, rest })
+            }
+        }
+    }
+}
+
+fn insert(
+    hosts: &mut HashMap<String, HostRoutes>,
+    wildcard: &mut Option<HostRoutes>,
+    host: &str,
+    routes: HostRoutes,
+) {
+    if host == "*" {
+        *wildcard = Some(routes);
+    } else {
+        hosts.insert(host.to_ascii_lowercase(), routes);
+    }
+}
+
+/// matchit gives `{` and `}` a meaning; a literal one is doubled.
+fn escape(prefix: &str) -> String {
+    prefix.replace('{', "{{").replace('}', "}}")
+}
+
+fn entry(name: String, handler: Handler, route: &Route) -> RouteEntry {
+    let parse = |list: &[String]| {
+        list.iter()
+            .filter_map(|s| crate::shared::validate::parse_cidr(s))
+            .collect()
+    };
+    RouteEntry {
+        name,
+        handler,
+        security: route.security.clone(),
+        allowed: parse(&route.security.allowed_ips),
+        denied: parse(&route.security.denied_ips),
+    }
+}
+
+fn handler(route: &Route) -> Result<Handler, String> {
+    Ok(match route.kind {
+        RouteType::File => {
+            let root = PathBuf::from(route.path.clone().unwrap_or_default());
+            let meta = std::fs::metadata(&root)
+                .map_err(|e| format!("{}: {e}", root.display()))?;
+            let mode = route.mode.unwrap_or_default();
+            let cache = if mode == FileMode::Memory {
+                load_memory(&root)?
+            } else {
+                HashMap::new()
+            };
+            Handler::File(FileRoute {
+                is_dir: meta.is_dir(),
+                root,
+                index: route.index.clone().unwrap_or_else(|| "index.html".into()),
+                cache,
+            })
+        }
+        RouteType::Redirect => Handler::Redirect(RedirectRoute {
+            url: route.redirect_url.clone().unwrap_or_default(),
+            status: route.redirect_status.unwrap_or(301),
+            preserve_path: route.preserve_path.unwrap_or(false),
+        }),
+        RouteType::Proxy => Handler::Proxy,
+    })
+}
+
+/// Total bytes one `memory` route may hold; files past it are served from disk.
+const MEMORY_ROUTE_MAX: u64 = 256 * 1024 * 1024;
+
+/// Reads a `memory` route's file, or every file under its directory, keyed by resolved path.
+fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
+    let mut cache = HashMap::new();
+    let mut total = 0u64;
+    let mut pending = vec![root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))?];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            for entry in entries.flatten() {
+                if let Ok(p) = entry.path().canonicalize() {
+                    pending.push(p);
+                }
+            }
+        } else if meta.is_file() {
+            if total + meta.len() > MEMORY_ROUTE_MAX {
+                log::warn!("{}: memory route over {} MiB; served from disk", path.display(), MEMORY_ROUTE_MAX >> 20);
+                continue;
+            }
+            let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            total += data.len() as u64;
+            cache.insert(path, Bytes::from(data));
+        }
+    }
+    Ok(cache)
+}

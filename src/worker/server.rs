@@ -1,0 +1,169 @@
+//! The worker loop: accept on every listener, run each connection as a task, and react to
+//! signals. Draining (SIGQUIT) cancels the pending accepts and every idle keep-alive read;
+//! a cancelled operation that had already completed still hands back its connection or its
+//! bytes, so nothing that reached this worker is dropped.
+
+use super::recorder::Recorder;
+use super::router::Router;
+use crate::shared::config::Config;
+use crate::shared::shm::{Region, Slot, STATE_DRAINING, STATE_SERVING};
+use crate::shared::WorkerStart;
+use monoio::io::{AsyncReadRent, CancelHandle, Canceller};
+use monoio::net::{TcpListener, UnixStream};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What every connection task of this worker shares.
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub region: &'static Region,
+    pub slot: &'static Slot,
+    pub recorder: Recorder,
+    pub draining: Cell<bool>,
+    /// Cancels idle keep-alive reads and pending accepts when draining starts.
+    canceller: RefCell<Canceller>,
+    pub connections: Cell<usize>,
+    /// Reusable 64 KiB buffers for bodies; an idle connection holds none.
+    pool: RefCell<Vec<Vec<u8>>>,
+}
+
+pub const BODY_BUF: usize = 64 * 1024;
+const POOL_MAX: usize = 64;
+
+impl Ctx {
+    pub fn new(start: &WorkerStart, router: Router) -> Ctx {
+        let slot = &start.shm.slots[start.slot];
+        Ctx {
+            config: start.config.clone(),
+            router,
+            region: start.shm,
+            slot,
+            recorder: Recorder::new(start.shm, slot, &start.config),
+            draining: Cell::new(false),
+            canceller: RefCell::new(Canceller::new()),
+            connections: Cell::new(0),
+            pool: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.canceller.borrow().handle()
+    }
+
+    pub fn take_buf(&self) -> Vec<u8> {
+        self.pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BODY_BUF))
+    }
+
+    pub fn give_buf(&self, mut buf: Vec<u8>) {
+        let mut pool = self.pool.borrow_mut();
+        if pool.len() < POOL_MAX && buf.capacity() >= BODY_BUF {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+
+    fn start_draining(&self) {
+        if self.draining.replace(true) {
+            return;
+        }
+        self.slot.state.store(STATE_DRAINING, Release);
+        let old = self.canceller.replace(Canceller::new());
+        old.cancel();
+    }
+}
+
+pub async fn run(ctx: Rc<Ctx>, listeners: Vec<std::net::TcpListener>, signals: std::os::unix::net::UnixStream) {
+    let mut accepting = Vec::new();
+    for l in listeners {
+        match TcpListener::from_std(l) {
+            Ok(l) => accepting.push(monoio::spawn(accept_loop(ctx.clone(), l))),
+            Err(e) => {
+                log::error!("cannot register a listener: {e}");
+                super::exit(super::EXIT_STARTUP_FAILED);
+            }
+        }
+    }
+    let signals = match UnixStream::from_std(signals) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot register the signal socket: {e}");
+            super::exit(super::EXIT_STARTUP_FAILED);
+        }
+    };
+    ctx.slot.state.store(STATE_SERVING, Release);
+    log::info!(
+        "serving (pid {}, generation slot {})",
+        std::process::id(),
+        ctx.slot.generation.load(Relaxed)
+    );
+    wait_for_quit(&ctx, signals).await;
+    log::info!("draining: {} connections open", ctx.connections.get());
+    for task in accepting {
+        task.await;
+    }
+    while ctx.connections.get() > 0 {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    log::info!("drained, exiting");
+}
+
+/// Returns when SIGQUIT arrives; SIGTERM/SIGINT end the process at once.
+async fn wait_for_quit(ctx: &Ctx, mut signals: UnixStream) {
+    loop {
+        let (res, buf) = signals.read(vec![0u8; 16]).await;
+        let n = match res {
+            Ok(n) if n > 0 => n,
+            _ => {
+                log::error!("signal socket closed");
+                break;
+            }
+        };
+        for &sig in &buf[..n] {
+            match i32::from(sig) {
+                libc::SIGQUIT => {
+                    ctx.start_draining();
+                    return;
+                }
+                _ => {
+                    log::info!("fast shutdown");
+                    super::exit(0);
+                }
+            }
+        }
+    }
+    ctx.start_draining();
+}
+
+async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {
+    loop {
+        if ctx.draining.get() {
+            return;
+        }
+        match listener.cancelable_accept(ctx.cancel_handle()).await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ctx.connections.set(ctx.connections.get() + 1);
+                ctx.slot.connections.fetch_add(1, Relaxed);
+                let ctx = ctx.clone();
+                monoio::spawn(async move {
+                    super::conn::serve(&ctx, stream, peer).await;
+                    ctx.connections.set(ctx.connections.get() - 1);
+                    ctx.slot.connections.fetch_sub(1, Relaxed);
+                });
+            }
+            Err(_) if ctx.draining.get() => return,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin.
+                log::error!("accept: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
