@@ -150,8 +150,8 @@ fn send_signal(source: &ConfigSource, name: &str) -> Result<()> {
         ConfigSource::File(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
-            let table: toml::Table = toml::from_str(&text)
-                .with_context(|| format!("cannot parse {}", p.display()))?;
+            let table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("cannot parse {}", p.display()))?;
             table
                 .get("server")
                 .and_then(|s| s.get("pid_file"))

@@ -142,14 +142,20 @@ impl Generations {
         self.env.region.release_slot(worker.slot);
         let id = generation.id;
         match generation.state {
-            _ if self.stopping => log::info!("generation {id}: worker {index} (pid {pid}) done ({how})"),
-            State::Draining(_) => log::info!("generation {id}: worker {index} (pid {pid}) done ({how})"),
+            _ if self.stopping => {
+                log::info!("generation {id}: worker {index} (pid {pid}) done ({how})")
+            }
+            State::Draining(_) => {
+                log::info!("generation {id}: worker {index} (pid {pid}) done ({how})")
+            }
             State::Starting(_) if code == Some(EXIT_STARTUP_FAILED) => {
                 log::error!("generation {id}: worker {index} (pid {pid}) failed to start");
                 self.abort_starting();
             }
             State::Active if code == Some(EXIT_STARTUP_FAILED) => {
-                log::error!("generation {id}: worker {index} (pid {pid}) failed to start; not respawned")
+                log::error!(
+                    "generation {id}: worker {index} (pid {pid}) failed to start; not respawned"
+                )
             }
             State::Starting(_) | State::Active => {
                 log::warn!("generation {id}: worker {index} (pid {pid}) died ({how}); respawning");
@@ -160,7 +166,8 @@ impl Generations {
                 }
             }
         }
-        self.list.retain(|g| g.live().next().is_some() || g.state == State::Active);
+        self.list
+            .retain(|g| g.live().next().is_some() || g.state == State::Active);
     }
 
     fn find(&self, pid: Pid) -> Option<(usize, usize)> {
@@ -175,8 +182,15 @@ impl Generations {
 
     /// Kills a generation that could not start; the active one keeps serving.
     fn abort_starting(&mut self) {
-        for g in self.list.iter_mut().filter(|g| matches!(g.state, State::Starting(_))) {
-            log::error!("generation {}: start aborted, the previous generation keeps serving", g.id);
+        for g in self
+            .list
+            .iter_mut()
+            .filter(|g| matches!(g.state, State::Starting(_)))
+        {
+            log::error!(
+                "generation {}: start aborted, the previous generation keeps serving",
+                g.id
+            );
             signal_all(g, Signal::SIGKILL);
             g.state = State::Draining(Instant::now());
         }
@@ -187,7 +201,11 @@ impl Generations {
         let now = Instant::now();
         let region = self.env.region;
         let mut result = Ok(());
-        if let Some(g) = self.list.iter().position(|g| matches!(g.state, State::Starting(_))) {
+        if let Some(g) = self
+            .list
+            .iter()
+            .position(|g| matches!(g.state, State::Starting(_)))
+        {
             let generation = &self.list[g];
             let ready = generation.workers.iter().all(|w| {
                 w.as_ref()
@@ -196,13 +214,17 @@ impl Generations {
             if ready {
                 let id = generation.id;
                 for old in self.list.iter_mut().filter(|o| o.state == State::Active) {
-                    log::info!("generation {}: draining (replaced by generation {id})", old.id);
+                    log::info!(
+                        "generation {}: draining (replaced by generation {id})",
+                        old.id
+                    );
                     old.state = State::Draining(now + drain_timeout);
                     signal_all(old, Signal::SIGQUIT);
                 }
                 self.list[g].state = State::Active;
                 log::info!("generation {id}: serving");
-            } else if matches!(generation.state, State::Starting(t) if now.duration_since(t) > START_TIMEOUT) {
+            } else if matches!(generation.state, State::Starting(t) if now.duration_since(t) > START_TIMEOUT)
+            {
                 result = Err(anyhow!(
                     "generation {}: workers did not start within {}s",
                     generation.id,
@@ -282,7 +304,9 @@ fn spawn(env: &SpawnEnv, generation: &Generation, index: usize) -> Result<Worker
             Err(anyhow!("fork: {e}"))
         }
         Ok(ForkResult::Parent { child }) => {
-            region.slots[slot].owner_pid.store(i64::from(child.as_raw()), Relaxed);
+            region.slots[slot]
+                .owner_pid
+                .store(i64::from(child.as_raw()), Relaxed);
             Ok(Worker { pid: child, slot })
         }
         Ok(ForkResult::Child) => {

@@ -44,7 +44,14 @@ fn bind_one(addr: SocketAddr) -> Result<TcpListener> {
         set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1).context("IPV6_V6ONLY")?;
     }
     let (storage, len) = sockaddr(addr);
-    if unsafe { libc::bind(fd.as_raw_fd(), &storage as *const _ as *const libc::sockaddr, len) } != 0 {
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &storage as *const _ as *const libc::sockaddr,
+            len,
+        )
+    } != 0
+    {
         return Err(std::io::Error::last_os_error()).context("bind");
     }
     if unsafe { libc::listen(fd.as_raw_fd(), BACKLOG) } != 0 {
@@ -53,7 +60,12 @@ fn bind_one(addr: SocketAddr) -> Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
-fn set_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+fn set_int(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),

@@ -78,7 +78,11 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain) -> Result<()> {
         "master {} started: {} workers on {}",
         std::process::id(),
         workers,
-        groups.iter().map(|g| g.addr.to_string()).collect::<Vec<_>>().join(", ")
+        groups
+            .iter()
+            .map(|g| g.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     let env = SpawnEnv {
@@ -88,7 +92,8 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain) -> Result<()> {
         builtin: matches!(source, ConfigSource::Builtin),
     };
     let mut gens = Generations::new(env);
-    gens.start(config.clone()).context("cannot start the first generation")?;
+    gens.start(config.clone())
+        .context("cannot start the first generation")?;
     let result = cycle(&source, config, &mut gens);
     if let Some(p) = pid_file {
         p.remove();
@@ -133,7 +138,9 @@ fn cycle(source: &ConfigSource, mut config: Arc<Config>, gens: &mut Generations)
             if let Some(new) = reload(source, &config) {
                 match gens.start(new.clone()) {
                     Ok(()) => config = new,
-                    Err(e) => log::error!("reload failed, the running generation keeps serving: {e:#}"),
+                    Err(e) => {
+                        log::error!("reload failed, the running generation keeps serving: {e:#}")
+                    }
                 }
             }
         }
@@ -169,8 +176,14 @@ fn reload(source: &ConfigSource, running: &Config) -> Option<Arc<Config>> {
     // Listeners and the worker count are fixed for the master's life (spec: restart needed).
     let fixed = [
         ("server.listen", running.server.listen != new.server.listen),
-        ("server.http_listen", running.server.http_listen != new.server.http_listen),
-        ("server.threads", running.server.threads != new.server.threads),
+        (
+            "server.http_listen",
+            running.server.http_listen != new.server.http_listen,
+        ),
+        (
+            "server.threads",
+            running.server.threads != new.server.threads,
+        ),
     ];
     for (key, changed) in fixed {
         if changed {

@@ -12,7 +12,10 @@ impl PidFile {
     pub fn write(path: &Path) -> Result<PidFile> {
         if let Some(old) = read(path).ok().filter(|p| alive(*p)) {
             if old != std::process::id() as i32 {
-                log::warn!("pid file {} names a running process {old}; overwriting", path.display());
+                log::warn!(
+                    "pid file {} names a running process {old}; overwriting",
+                    path.display()
+                );
             }
         }
         let tmp = path.with_extension("pid.tmp");
@@ -37,7 +40,11 @@ pub fn read(path: &Path) -> Result<i32> {
         .with_context(|| format!("cannot read pid file {}", path.display()))?;
     match text.trim().parse::<i32>() {
         Ok(pid) if pid > 0 => Ok(pid),
-        _ => bail!("pid file {} does not hold a pid: {:?}", path.display(), text.trim()),
+        _ => bail!(
+            "pid file {} does not hold a pid: {:?}",
+            path.display(),
+            text.trim()
+        ),
     }
 }
 

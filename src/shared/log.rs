@@ -145,9 +145,7 @@ pub fn start_async(cfg: &LoggingConfig, output: Box<dyn Write + Send>) -> Result
     };
     let logger = ftlog::Builder::new()
         .format(RoleFormat { role })
-        .time_format(
-            time_format(),
-        )
+        .time_format(time_format())
         .utc()
         .bounded(cfg.channel_size, false)
         .max_log_level(level)

@@ -141,7 +141,11 @@ pub fn render(region: &Region) -> String {
         .iter()
         .map(|(&key, &n)| {
             let (m, h, s) = shm::split_key(key);
-            let status = if key == OVERFLOW_KEY { "other".to_string() } else { s.to_string() };
+            let status = if key == OVERFLOW_KEY {
+                "other".to_string()
+            } else {
+                s.to_string()
+            };
             counter(
                 vec![
                     label("host", &host_label(region, h)),

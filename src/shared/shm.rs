@@ -38,16 +38,7 @@ pub const DURATION_BUCKETS: [f64; 11] = [
 ];
 /// Body-size buckets, bytes.
 pub const SIZE_BUCKETS: [f64; 11] = [
-    64.0,
-    256.0,
-    1024.0,
-    4096.0,
-    16384.0,
-    65536.0,
-    262144.0,
-    1048576.0,
-    4194304.0,
-    16777216.0,
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
     67108864.0,
 ];
 pub const NB: usize = 11;
@@ -133,9 +124,7 @@ pub struct Shm {
 impl Shm {
     /// Creates a fresh, zeroed region (the first master).
     pub fn create() -> std::io::Result<Shm> {
-        let raw = unsafe {
-            libc::memfd_create(c"zerocopy-shm".as_ptr(), libc::MFD_CLOEXEC)
-        };
+        let raw = unsafe { libc::memfd_create(c"zerocopy-shm".as_ptr(), libc::MFD_CLOEXEC) };
         if raw < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -156,7 +145,11 @@ impl Shm {
         if file.metadata()?.len() < std::mem::size_of::<Region>() as u64 {
             return Err(std::io::Error::other("shared memory region is too small"));
         }
-        let map = unsafe { memmap2::MmapOptions::new().len(std::mem::size_of::<Region>()).map_mut(&file)? };
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .len(std::mem::size_of::<Region>())
+                .map_mut(&file)?
+        };
         // The mapping lives as long as the process: leak it to get a 'static reference.
         let map = Box::leak(Box::new(map));
         let region = unsafe { &*(map.as_ptr() as *const Region) };
@@ -301,5 +294,9 @@ pub fn duration_key(method: u8, host: u16) -> u64 {
 
 /// (method, host, status) of a label key.
 pub fn split_key(key: u64) -> (u8, u16, u16) {
-    (((key >> 32) & 0xff) as u8, ((key >> 16) & 0xffff) as u16, (key & 0xffff) as u16)
+    (
+        ((key >> 32) & 0xff) as u8,
+        ((key >> 16) & 0xffff) as u16,
+        (key & 0xffff) as u16,
+    )
 }

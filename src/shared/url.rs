@@ -95,12 +95,23 @@ mod tests {
     #[test]
     fn parses_the_forms_the_spec_uses() {
         let u = BackendUrl::parse("http://localhost:8080/app/").unwrap();
-        assert_eq!((u.tls, u.host.as_str(), u.port, u.path.as_str()), (false, "localhost", 8080, "/app/"));
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (false, "localhost", 8080, "/app/")
+        );
         let u = BackendUrl::parse("https://192.168.1.100").unwrap();
         assert_eq!((u.tls, u.port, u.path.as_str()), (true, 443, "/"));
         let u = BackendUrl::parse("http://[::1]:3000").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("[::1]", 3000));
-        for bad in ["invalid-url", "ftp://x", "http://", "http://h:0", "http://h:99999", "http://a b", "http://h/?q"] {
+        for bad in [
+            "invalid-url",
+            "ftp://x",
+            "http://",
+            "http://h:0",
+            "http://h:99999",
+            "http://a b",
+            "http://h/?q",
+        ] {
             assert!(BackendUrl::parse(bad).is_err(), "{bad}");
         }
     }

@@ -73,7 +73,10 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
     let line = e
         .span()
         .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-    let key = e.span().map(|s| enclosing_table(text, s.start)).unwrap_or_default();
+    let key = e
+        .span()
+        .map(|s| enclosing_table(text, s.start))
+        .unwrap_or_default();
     ConfigError {
         file: file.to_string(),
         line,
@@ -102,8 +105,18 @@ pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
     validate_logging(&c.logging, &mut e);
     validate_security(&c.security, &mut e);
     if let Some(tls) = &c.tls {
-        check_file(&tls.cert_path, "tls.cert_path", "TLS certificate file", &mut e);
-        check_file(&tls.key_path, "tls.key_path", "TLS private key file", &mut e);
+        check_file(
+            &tls.cert_path,
+            "tls.cert_path",
+            "TLS certificate file",
+            &mut e,
+        );
+        check_file(
+            &tls.key_path,
+            "tls.key_path",
+            "TLS private key file",
+            &mut e,
+        );
     }
     for (host, route) in &c.host_routes {
         check_host(host, &format!("host_routes.\"{host}\""), &mut e);
@@ -138,7 +151,10 @@ fn validate_server(c: &Config, e: &mut Errors) {
     }
     if let Some(http) = &c.server.http_listen {
         if http.parse::<SocketAddr>().is_err() {
-            e.add("server.http_listen", format!("invalid socket address: {http}"));
+            e.add(
+                "server.http_listen",
+                format!("invalid socket address: {http}"),
+            );
         } else if *http == c.server.listen {
             e.add("server.http_listen", "must differ from server.listen");
         }
@@ -276,7 +292,10 @@ fn validate_proxy_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
                     e.add(format!("{key}.sni_name"), "applies only to an https:// url");
                 }
             }
-            Err(why) => e.add(format!("{key}.url"), format!("invalid proxy URL `{url}`: {why}")),
+            Err(why) => e.add(
+                format!("{key}.url"),
+                format!("invalid proxy URL `{url}`: {why}"),
+            ),
         },
         (None, Some(name)) => {
             if !c.upstreams.contains_key(name) {
@@ -319,14 +338,21 @@ fn validate_redirect_route(r: &Route, key: &str, e: &mut Errors) {
 
 fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
     for m in &s.allowed_methods {
-        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+        if m.is_empty()
+            || !m
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+        {
             e.add(
                 format!("{key}.allowed_methods"),
                 format!("invalid HTTP method `{m}` (methods are upper-case tokens such as GET)"),
             );
         }
     }
-    for (name, list) in [("allowed_ips", &s.allowed_ips), ("denied_ips", &s.denied_ips)] {
+    for (name, list) in [
+        ("allowed_ips", &s.allowed_ips),
+        ("denied_ips", &s.denied_ips),
+    ] {
         for ip in list.iter() {
             if parse_cidr(ip).is_none() {
                 e.add(
@@ -345,8 +371,14 @@ fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
     for (name, v) in [
         ("client_header_timeout_secs", s.client_header_timeout_secs),
         ("client_body_timeout_secs", s.client_body_timeout_secs),
-        ("backend_connect_timeout_secs", s.backend_connect_timeout_secs),
-        ("idle_connection_timeout_secs", s.idle_connection_timeout_secs),
+        (
+            "backend_connect_timeout_secs",
+            s.backend_connect_timeout_secs,
+        ),
+        (
+            "idle_connection_timeout_secs",
+            s.idle_connection_timeout_secs,
+        ),
         ("websocket_poll_timeout_ms", s.websocket_poll_timeout_ms),
     ] {
         if v == 0 {
@@ -367,15 +399,30 @@ fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
         );
     }
     let headers = [
-        ("add_request_headers", s.add_request_headers.keys().collect::<Vec<_>>()),
-        ("add_response_headers", s.add_response_headers.keys().collect()),
-        ("remove_request_headers", s.remove_request_headers.iter().collect()),
-        ("remove_response_headers", s.remove_response_headers.iter().collect()),
+        (
+            "add_request_headers",
+            s.add_request_headers.keys().collect::<Vec<_>>(),
+        ),
+        (
+            "add_response_headers",
+            s.add_response_headers.keys().collect(),
+        ),
+        (
+            "remove_request_headers",
+            s.remove_request_headers.iter().collect(),
+        ),
+        (
+            "remove_response_headers",
+            s.remove_response_headers.iter().collect(),
+        ),
     ];
     for (name, list) in headers {
         for h in list {
             if !is_token(h) {
-                e.add(format!("{key}.{name}"), format!("invalid header name `{h}`"));
+                e.add(
+                    format!("{key}.{name}"),
+                    format!("invalid header name `{h}`"),
+                );
             }
         }
     }
@@ -396,7 +443,10 @@ fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
 
 fn validate_upstream(u: &Upstream, key: &str, e: &mut Errors) {
     if u.servers.is_empty() {
-        e.add(format!("{key}.servers"), "an upstream needs at least one server");
+        e.add(
+            format!("{key}.servers"),
+            "an upstream needs at least one server",
+        );
     }
     for s in &u.servers {
         match BackendUrl::parse(s.url()) {
@@ -427,7 +477,9 @@ fn validate_upstream(u: &Upstream, key: &str, e: &mut Errors) {
         if !h.path.starts_with('/') {
             e.add(format!("{hk}.path"), "must start with `/`");
         }
-        if h.healthy_statuses.is_empty() || h.healthy_statuses.iter().any(|s| !(100..=599).contains(s)) {
+        if h.healthy_statuses.is_empty()
+            || h.healthy_statuses.iter().any(|s| !(100..=599).contains(s))
+        {
             e.add(
                 format!("{hk}.healthy_statuses"),
                 "must list status codes between 100 and 599",
@@ -454,7 +506,10 @@ fn check_parent_dir(path: &str, key: &str, e: &mut Errors) {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if !parent.is_dir() {
-        e.add(key, format!("directory does not exist: {}", parent.display()));
+        e.add(
+            key,
+            format!("directory does not exist: {}", parent.display()),
+        );
     }
 }
 

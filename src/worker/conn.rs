@@ -19,6 +19,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an idle keep-alive connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const HEAD_BUF: usize = 4096;
+/// While draining, how long a just-accepted connection may take to send its request.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// What a response carries after its head.
 pub enum Body {
@@ -37,8 +39,11 @@ enum Head {
 
 pub async fn serve(ctx: &Ctx, mut stream: TcpStream, peer: SocketAddr) {
     let mut buf = Vec::with_capacity(HEAD_BUF);
+    let mut fresh = true;
     loop {
-        let req = match read_head(ctx, &mut stream, &mut buf).await {
+        let head = read_head(ctx, &mut stream, &mut buf, fresh).await;
+        fresh = false;
+        let req = match head {
             Head::Request(r) => r,
             Head::Close => return,
             Head::Error(status) => {
@@ -56,7 +61,8 @@ pub async fn serve(ctx: &Ctx, mut stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn read_head(ctx: &Ctx, stream: &mut TcpStream, buf: &mut Vec<u8>) -> Head {
+/// `fresh`: no request has been read on this connection yet.
+async fn read_head(ctx: &Ctx, stream: &mut TcpStream, buf: &mut Vec<u8>, fresh: bool) -> Head {
     let limit = max_head_size(ctx);
     let mut deadline = None;
     loop {
@@ -75,29 +81,37 @@ async fn read_head(ctx: &Ctx, stream: &mut TcpStream, buf: &mut Vec<u8>) -> Head
             }
         }
         let idle = buf.is_empty();
-        if idle && ctx.draining.get() {
-            return Head::Close;
-        }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(HEAD_BUF);
         }
         let (len, cap) = (buf.len(), buf.capacity());
         let owned = std::mem::take(buf).slice_mut(len..cap);
-        let result = if idle {
-            // Only a read that waits for a new request may be cancelled by draining.
-            let read = stream.cancelable_read(owned, ctx.cancel_handle());
-            monoio::time::timeout(IDLE_TIMEOUT, read).await
-        } else {
+        let result = if !idle {
             let until = *deadline.get_or_insert_with(|| Instant::now() + HEAD_TIMEOUT);
             monoio::time::timeout_at(until.into(), stream.read(owned)).await
+        } else if ctx.draining.get() {
+            if !fresh {
+                // Between requests of a kept-alive connection: the client retries elsewhere.
+                return Head::Close;
+            }
+            // Accepted as draining began: its request is normally already on the way.
+            monoio::time::timeout(DRAIN_GRACE, stream.read(owned)).await
+        } else {
+            // Waiting for a request: the one read that draining may cancel.
+            let wait = if fresh { HEAD_TIMEOUT } else { IDLE_TIMEOUT };
+            let read = stream.cancelable_read(owned, ctx.cancel_handle());
+            monoio::time::timeout(wait, read).await
         };
         let Ok((res, slice)) = result else {
             return if idle { Head::Close } else { Head::Error(408) };
         };
         *buf = slice.into_inner();
         match res {
-            Ok(0) | Err(_) => return Head::Close,
+            Ok(0) => return Head::Close,
             Ok(_) => {}
+            // Cancelled by draining with nothing read: decide again, now draining.
+            Err(_) if idle && ctx.draining.get() => {}
+            Err(_) => return Head::Close,
         }
     }
 }
@@ -115,22 +129,30 @@ fn max_head_size(ctx: &Ctx) -> usize {
 }
 
 /// Answers one request. `Ok(true)`: the connection may carry another request.
-async fn answer(ctx: &Ctx, stream: &mut TcpStream, req: &Request, peer: SocketAddr) -> std::io::Result<bool> {
+async fn answer(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    req: &Request,
+    peer: SocketAddr,
+) -> std::io::Result<bool> {
     let started = Instant::now();
     let host = req.host();
     let path = req.path().to_string();
-    let has_body = !matches!(req.content_length(), Ok(None | Some(0))) || req.header("transfer-encoding").is_some();
+    let has_body = !matches!(req.content_length(), Ok(None | Some(0)))
+        || req.header("transfer-encoding").is_some();
     // A body we do not read would be taken for the next request: such a connection closes.
     let keep = req.wants_keep_alive() && !has_body && !ctx.draining.get();
     let is_head = req.method == "HEAD";
 
-    let (status, head, body, route) = if req.version == 1 && req.header("host").is_none() && !req.target.contains("://") {
-        (400, error_head(400, false), error_body(400), None)
-    } else if req.content_length().is_err() {
+    let bad_framing = req.content_length().is_err();
+    let missing_host =
+        req.version == 1 && req.header("host").is_none() && !req.target.contains("://");
+    let (status, head, body, route) = if bad_framing || missing_host {
         (400, error_head(400, false), error_body(400), None)
     } else if path == "/__metrics" {
         let text = crate::shared::metrics::render(ctx.region);
-        let head = ResponseHead::new(200).header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+        let head = ResponseHead::new(200)
+            .header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
         (200, head, Body::Bytes(Bytes::from(text)), None)
     } else {
         match ctx.router.route(&host, &path) {
@@ -147,24 +169,43 @@ async fn answer(ctx: &Ctx, stream: &mut TcpStream, req: &Request, peer: SocketAd
     if let Some(sec) = route {
         apply_response_headers(&mut head, sec);
     }
-    let body = if is_head { strip_body(body, &mut head) } else { body };
+    let body = if is_head {
+        strip_body(body, &mut head)
+    } else {
+        body
+    };
     let sent = send(ctx, stream, head, body, keep).await;
     let request_bytes = req.content_length().ok().flatten().unwrap_or(0);
-    record(ctx, &req.method, &host, status, started, request_bytes, *sent.as_ref().unwrap_or(&0));
+    record(
+        ctx,
+        &req.method,
+        &host,
+        status,
+        started,
+        request_bytes,
+        *sent.as_ref().unwrap_or(&0),
+    );
     sent.map(|_| keep)
 }
 
-fn dispatch(req: &Request, route: &RouteEntry, rest: &str, peer: SocketAddr) -> (u16, ResponseHead, Body) {
+fn dispatch(
+    req: &Request,
+    route: &RouteEntry,
+    rest: &str,
+    peer: SocketAddr,
+) -> (u16, ResponseHead, Body) {
     let sec = &route.security;
     let ip = peer.ip();
     let ip = match ip {
         std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
         v4 => v4,
     };
-    if route.denied.iter().any(|n| n.contains(&ip)) || (!route.allowed.is_empty() && !route.allowed.iter().any(|n| n.contains(&ip))) {
+    if route.denied.iter().any(|n| n.contains(&ip))
+        || (!route.allowed.is_empty() && !route.allowed.iter().any(|n| n.contains(&ip)))
+    {
         return (403, error_head(403, true), error_body(403));
     }
-    if !sec.allowed_methods.is_empty() && !sec.allowed_methods.iter().any(|m| *m == req.method) {
+    if !sec.allowed_methods.is_empty() && !sec.allowed_methods.contains(&req.method) {
         let head = error_head(405, true).header("Allow", sec.allowed_methods.join(", "));
         return (405, head, error_body(405));
     }
@@ -197,22 +238,36 @@ fn serve_file(req: &Request, route: &FileRoute, rest: &str) -> (u16, ResponseHea
         return (200, head, Body::Bytes(bytes.clone()));
     }
     match std::fs::File::open(&path) {
-        Ok(file) => (200, head, Body::File { file, len: meta.len() }),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => (403, error_head(403, true), error_body(403)),
+        Ok(file) => (
+            200,
+            head,
+            Body::File {
+                file,
+                len: meta.len(),
+            },
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            (403, error_head(403, true), error_body(403))
+        }
         Err(_) => (404, error_head(404, true), error_body(404)),
     }
 }
 
 fn redirect(req: &Request, r: &RedirectRoute, rest: &str) -> (u16, ResponseHead, Body) {
     let path_var = if rest.is_empty() { "/" } else { rest };
-    let mut location = r.url.replace("$request_uri", &req.target).replace("$path", path_var);
+    let mut location = r
+        .url
+        .replace("$request_uri", &req.target)
+        .replace("$path", path_var);
     if r.preserve_path {
         location.push_str(rest);
         if let Some(q) = req.target.find('?') {
             location.push_str(&req.target[q..]);
         }
     }
-    let head = ResponseHead::new(r.status).header("Location", location).header("Content-Type", "text/plain; charset=utf-8");
+    let head = ResponseHead::new(r.status)
+        .header("Location", location)
+        .header("Content-Type", "text/plain; charset=utf-8");
     let body = format!("{} {}\n", r.status, http::reason(r.status));
     (r.status, head, Body::Bytes(Bytes::from(body)))
 }
@@ -224,7 +279,11 @@ fn welcome(req: &Request) -> (u16, ResponseHead, Body) {
         return (404, error_head(404, true), error_body(404));
     }
     let head = ResponseHead::new(200).header("Content-Type", "text/html; charset=utf-8");
-    (200, head, Body::Bytes(Bytes::from_static(WELCOME.as_bytes())))
+    (
+        200,
+        head,
+        Body::Bytes(Bytes::from_static(WELCOME.as_bytes())),
+    )
 }
 
 fn error_head(status: u16, _keep: bool) -> ResponseHead {
@@ -232,7 +291,11 @@ fn error_head(status: u16, _keep: bool) -> ResponseHead {
 }
 
 fn error_body(status: u16) -> Body {
-    Body::Bytes(Bytes::from(format!("{} {}\n", status, http::reason(status))))
+    Body::Bytes(Bytes::from(format!(
+        "{} {}\n",
+        status,
+        http::reason(status)
+    )))
 }
 
 fn apply_response_headers(head: &mut ResponseHead, sec: &RouteSecurity) {
@@ -256,8 +319,18 @@ fn strip_body(body: Body, head: &mut ResponseHead) -> Body {
 }
 
 /// Writes the head and body; returns the body bytes sent.
-async fn send(ctx: &Ctx, stream: &mut TcpStream, mut head: ResponseHead, body: Body, keep: bool) -> std::io::Result<u64> {
-    if !head.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
+async fn send(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    mut head: ResponseHead,
+    body: Body,
+    keep: bool,
+) -> std::io::Result<u64> {
+    if !head
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    {
         let len = match &body {
             Body::Empty => 0,
             Body::Bytes(b) => b.len() as u64,
@@ -266,7 +339,8 @@ async fn send(ctx: &Ctx, stream: &mut TcpStream, mut head: ResponseHead, body: B
         head.set("Content-Length", len.to_string());
     }
     head.set("Date", http::http_date(std::time::SystemTime::now()));
-    head.headers.insert(0, ("Server".into(), "zerocopy-server".into()));
+    head.headers
+        .insert(0, ("Server".into(), "zerocopy-server".into()));
     if !keep {
         head.set("Connection", "close");
     }
@@ -297,7 +371,12 @@ async fn write_all(stream: &mut TcpStream, buf: Vec<u8>) -> std::io::Result<()> 
 
 /// Copies `len` bytes of `file` to the client through a pooled buffer. A file that shrinks
 /// underneath ends the connection: padding would send bytes that are not the file.
-async fn send_file(ctx: &Ctx, stream: &mut TcpStream, file: std::fs::File, len: u64) -> std::io::Result<u64> {
+async fn send_file(
+    ctx: &Ctx,
+    stream: &mut TcpStream,
+    file: std::fs::File,
+    len: u64,
+) -> std::io::Result<u64> {
     let file = monoio::fs::File::from_std(file)?;
     let mut offset = 0u64;
     let mut buf = ctx.take_buf();
@@ -308,7 +387,10 @@ async fn send_file(ctx: &Ctx, stream: &mut TcpStream, file: std::fs::File, len: 
         buf = b.into_inner();
         let n = res?;
         if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while being sent"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while being sent",
+            ));
         }
         let (res, b) = stream.write_all(buf).await;
         buf = b;
@@ -319,7 +401,15 @@ async fn send_file(ctx: &Ctx, stream: &mut TcpStream, file: std::fs::File, len: 
     Ok(offset)
 }
 
-fn record(ctx: &Ctx, method: &str, host: &str, status: u16, started: Instant, request_bytes: u64, response_bytes: u64) {
+fn record(
+    ctx: &Ctx,
+    method: &str,
+    host: &str,
+    status: u16,
+    started: Instant,
+    request_bytes: u64,
+    response_bytes: u64,
+) {
     ctx.recorder.record(&Outcome {
         method,
         host,

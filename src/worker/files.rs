@@ -9,7 +9,10 @@ use super::router::FileRoute;
 use std::path::{Path, PathBuf};
 
 pub enum Resolved {
-    File { path: PathBuf, meta: std::fs::Metadata },
+    File {
+        path: PathBuf,
+        meta: std::fs::Metadata,
+    },
     NotFound,
     BadRequest,
 }

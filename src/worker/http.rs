@@ -91,9 +91,15 @@ impl Request {
     /// The Host name: from an absolute-form target, else the Host header; lower-cased, port
     /// removed.
     pub fn host(&self) -> String {
-        let raw = if let (Some(i), false) = (self.target.find("://"), self.target.starts_with('/')) {
+        let raw = if let (Some(i), false) = (self.target.find("://"), self.target.starts_with('/'))
+        {
             let after = &self.target[i + 3..];
-            after.split(['/', '?']).next().unwrap_or("").as_bytes().to_vec()
+            after
+                .split(['/', '?'])
+                .next()
+                .unwrap_or("")
+                .as_bytes()
+                .to_vec()
         } else {
             self.header("host").unwrap_or_default().to_vec()
         };

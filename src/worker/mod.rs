@@ -59,8 +59,7 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     log_inactive_keys(config, start.index);
     let signals = signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let ctx = Rc::new(server::Ctx::new(&start, router));
-    runtime.block_on(server::run(ctx, start.listeners, signals));
-    Ok(())
+    runtime.block_on(server::run(ctx, start.listeners, signals))
 }
 
 fn pin_to_core(core: usize) {

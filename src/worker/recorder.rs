@@ -40,11 +40,15 @@ impl Recorder {
         let method = method_index(o.method);
         let host = self.hosts.get(o.host).copied().unwrap_or(0);
         let status = o.status.min(999);
-        self.slot.count(shm::count_key(method, host, status)).fetch_add(1, Relaxed);
-        let micros = o.duration.as_micros() as u64;
         self.slot
-            .duration(shm::duration_key(method, host))
-            .observe(&DURATION_BUCKETS, o.duration.as_secs_f64(), micros);
+            .count(shm::count_key(method, host, status))
+            .fetch_add(1, Relaxed);
+        let micros = o.duration.as_micros() as u64;
+        self.slot.duration(shm::duration_key(method, host)).observe(
+            &DURATION_BUCKETS,
+            o.duration.as_secs_f64(),
+            micros,
+        );
         self.slot
             .request_sizes
             .observe(&SIZE_BUCKETS, o.request_bytes as f64, o.request_bytes);

@@ -9,8 +9,8 @@
 //! handler.
 
 use crate::shared::config::{Config, FileMode, Route, RouteSecurity, RouteType};
-use ipnet::IpNet;
 use bytes::Bytes;
+use ipnet::IpNet;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -89,7 +89,11 @@ impl Router {
                 ));
                 let base = escape(prefix.trim_end_matches('/'));
                 for pattern in [
-                    if base.is_empty() { "/".to_string() } else { base.clone() },
+                    if base.is_empty() {
+                        "/".to_string()
+                    } else {
+                        base.clone()
+                    },
                     format!("{base}/{{*rest}}"),
                 ] {
                     // `/docs` and `/docs/` are one route: the second insert is a duplicate.
@@ -113,7 +117,10 @@ impl Router {
                 let m = tree.at(path).ok()?;
                 let rest = m.params.get("rest").map(|r| format!("/{r}"));
                 let rest = rest.unwrap_or_default();
-                Some(Matched { route: m.value, rest })
+                Some(Matched {
+                    route: m.value,
+                    rest,
+                })
             }
         }
     }
@@ -156,8 +163,7 @@ fn handler(route: &Route) -> Result<Handler, String> {
     Ok(match route.kind {
         RouteType::File => {
             let root = PathBuf::from(route.path.clone().unwrap_or_default());
-            let meta = std::fs::metadata(&root)
-                .map_err(|e| format!("{}: {e}", root.display()))?;
+            let meta = std::fs::metadata(&root).map_err(|e| format!("{}: {e}", root.display()))?;
             let mode = route.mode.unwrap_or_default();
             let cache = if mode == FileMode::Memory {
                 load_memory(&root)?
@@ -187,11 +193,14 @@ const MEMORY_ROUTE_MAX: u64 = 256 * 1024 * 1024;
 fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
     let mut cache = HashMap::new();
     let mut total = 0u64;
-    let mut pending = vec![root.canonicalize().map_err(|e| format!("{}: {e}", root.display()))?];
+    let mut pending = vec![root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))?];
     while let Some(path) = pending.pop() {
         let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         if meta.is_dir() {
-            let entries = std::fs::read_dir(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let entries =
+                std::fs::read_dir(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             for entry in entries.flatten() {
                 if let Ok(p) = entry.path().canonicalize() {
                     pending.push(p);
@@ -199,7 +208,11 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
             }
         } else if meta.is_file() {
             if total + meta.len() > MEMORY_ROUTE_MAX {
-                log::warn!("{}: memory route over {} MiB; served from disk", path.display(), MEMORY_ROUTE_MAX >> 20);
+                log::warn!(
+                    "{}: memory route over {} MiB; served from disk",
+                    path.display(),
+                    MEMORY_ROUTE_MAX >> 20
+                );
                 continue;
             }
             let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -79,7 +79,13 @@ impl Ctx {
     }
 }
 
-pub async fn run(ctx: Rc<Ctx>, listeners: Vec<std::net::TcpListener>, signals: std::os::unix::net::UnixStream) {
+/// Serves until SIGTERM/SIGINT, or until a SIGQUIT drain completes: the process exits from
+/// here and never returns.
+pub async fn run(
+    ctx: Rc<Ctx>,
+    listeners: Vec<std::net::TcpListener>,
+    signals: std::os::unix::net::UnixStream,
+) -> ! {
     let mut accepting = Vec::new();
     for l in listeners {
         match TcpListener::from_std(l) {
@@ -99,11 +105,38 @@ pub async fn run(ctx: Rc<Ctx>, listeners: Vec<std::net::TcpListener>, signals: s
     };
     ctx.slot.state.store(STATE_SERVING, Release);
     log::info!(
-        "serving (pid {}, generation slot {})",
+        "serving (pid {}, generation {})",
         std::process::id(),
         ctx.slot.generation.load(Relaxed)
     );
-    wait_for_quit(&ctx, signals).await;
+    // Startup lines are what an operator waits for: do not leave them in the buffer.
+    log::logger().flush();
+    let mut accepting = Some(accepting);
+    let mut signals = signals;
+    loop {
+        let (res, buf) = signals.read(vec![0u8; 16]).await;
+        let got = match res {
+            Ok(n) if n > 0 => &buf[..n],
+            _ => {
+                log::error!("signal socket closed: draining");
+                &[libc::SIGQUIT as u8][..]
+            }
+        };
+        for &sig in got {
+            if i32::from(sig) != libc::SIGQUIT {
+                log::info!("fast shutdown");
+                super::exit(0);
+            }
+            if let Some(tasks) = accepting.take() {
+                ctx.start_draining();
+                monoio::spawn(drain_then_exit(ctx.clone(), tasks));
+            }
+        }
+    }
+}
+
+/// Stops accepting, lets every open connection finish its request, then exits.
+async fn drain_then_exit(ctx: Rc<Ctx>, accepting: Vec<monoio::task::JoinHandle<()>>) {
     log::info!("draining: {} connections open", ctx.connections.get());
     for task in accepting {
         task.await;
@@ -112,33 +145,7 @@ pub async fn run(ctx: Rc<Ctx>, listeners: Vec<std::net::TcpListener>, signals: s
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     log::info!("drained, exiting");
-}
-
-/// Returns when SIGQUIT arrives; SIGTERM/SIGINT end the process at once.
-async fn wait_for_quit(ctx: &Ctx, mut signals: UnixStream) {
-    loop {
-        let (res, buf) = signals.read(vec![0u8; 16]).await;
-        let n = match res {
-            Ok(n) if n > 0 => n,
-            _ => {
-                log::error!("signal socket closed");
-                break;
-            }
-        };
-        for &sig in &buf[..n] {
-            match i32::from(sig) {
-                libc::SIGQUIT => {
-                    ctx.start_draining();
-                    return;
-                }
-                _ => {
-                    log::info!("fast shutdown");
-                    super::exit(0);
-                }
-            }
-        }
-    }
-    ctx.start_draining();
+    super::exit(0);
 }
 
 async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {

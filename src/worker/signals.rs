@@ -3,7 +3,7 @@
 //! loop sees signals as ordinary events.
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -23,16 +23,25 @@ pub fn install() -> std::io::Result<UnixStream> {
     let (read, write) = UnixStream::pair()?;
     write.set_nonblocking(true)?;
     WRITE_END.store(write.into_raw_fd(), Ordering::Relaxed);
-    let handler = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let handler = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     unsafe {
         for s in [Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGINT] {
             sigaction(s, &handler)?;
         }
-        for s in [Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGWINCH, Signal::SIGPIPE] {
+        for s in [
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+            Signal::SIGUSR2,
+            Signal::SIGWINCH,
+            Signal::SIGPIPE,
+        ] {
             sigaction(s, &ignore)?;
         }
     }
-    let _ = read.as_raw_fd();
     Ok(read)
 }

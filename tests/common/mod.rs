@@ -1,0 +1,308 @@
+//! Test harness: starts the real binary with a real config file on a free port, and offers
+//! independent clients (ureq, raw sockets) and process inspection through /proc.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_zerocopy-server");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// Replaces `{port}` and `{dir}` in a config template.
+pub fn render(template: &str, port: u16, dir: &Path) -> String {
+    template
+        .replace("{port}", &port.to_string())
+        .replace("{dir}", dir.to_str().unwrap())
+}
+
+impl Server {
+    /// A temp dir with the config written from `template`; not started yet.
+    pub fn prepare(template: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Workers may run as nobody: they must be able to read the files the tests serve.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let port = free_port();
+        let config_path = dir.path().join("config.toml");
+        let log_path = dir.path().join("server.log");
+        let s = Server {
+            child: None,
+            dir,
+            port,
+            config_path,
+            log_path,
+        };
+        s.write_config(template);
+        s
+    }
+
+    pub fn start(template: &str) -> Server {
+        let mut s = Server::prepare(template);
+        s.spawn();
+        s.wait_ready();
+        s
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write_file(&self, name: &str, content: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn write_config(&self, template: &str) {
+        std::fs::write(
+            &self.config_path,
+            render(template, self.port, self.dir.path()),
+        )
+        .unwrap();
+    }
+
+    pub fn spawn(&mut self) {
+        let log = File::create(&self.log_path).unwrap();
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn server");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Waits until `/__metrics` answers.
+    pub fn wait_ready(&self) {
+        let ok = wait_until(Duration::from_secs(10), || {
+            ureq::get(&self.url("/__metrics"))
+                .timeout(Duration::from_secs(1))
+                .call()
+                .is_ok()
+        });
+        assert!(ok, "server did not start; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Worker processes: children of the master.
+    pub fn workers(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    pub fn metrics(&self) -> String {
+        get(&self.url("/__metrics")).1
+    }
+
+    /// Waits for the master to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let pid = child.id() as i32;
+        let workers = children_of(pid);
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for w in workers {
+            unsafe { libc::kill(w, libc::SIGKILL) };
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Pids whose parent is `pid`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if proc_status(p, "PPid").and_then(|v| v.parse::<i32>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && proc_status(pid, "State").is_some_and(|s| !s.starts_with('Z'))
+}
+
+/// A field of /proc/PID/status, value trimmed.
+pub fn proc_status(pid: i32, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .map(|v| v.trim().to_string())
+}
+
+/// GET with a fresh agent: (status, body). Panics on transport errors.
+pub fn get(url: &str) -> (u16, String) {
+    match ureq::get(url).timeout(Duration::from_secs(10)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+pub fn get_with(agent: &ureq::Agent, url: &str) -> Result<(u16, String), String> {
+    match agent.get(url).call() {
+        Ok(r) => {
+            let status = r.status();
+            r.into_string()
+                .map(|b| (status, b))
+                .map_err(|e| e.to_string())
+        }
+        Err(ureq::Error::Status(code, r)) => Ok((code, r.into_string().unwrap_or_default())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Sends raw bytes on a new connection and reads until the server closes or `timeout`.
+pub fn raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Connects from a chosen 127.x.y.z source address.
+pub fn connect_from(source: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    sock.connect(&to.into()).unwrap();
+    sock.into()
+}
+
+/// One `GET path` on `stream` with `Connection: close`; returns the status code.
+pub fn get_on(mut stream: TcpStream, path: &str) -> u16 {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = stream.read_to_string(&mut out);
+    out.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sum of every sample of `name` whose labels contain all of `labels` (`key="value"`).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match key.find('{') {
+                Some(i) => (&key[..i], &key[i..]),
+                None => (key, ""),
+            };
+            (n == name && labels.iter().all(|lab| rest.contains(lab)))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Deterministic pseudo-random bytes, so a corrupted download cannot pass by chance.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
