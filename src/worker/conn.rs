@@ -4,7 +4,7 @@
 use super::files::{self, Resolved};
 use super::http::{self, Parse, Request, ResponseHead};
 use super::recorder::Outcome;
-use super::router::{FileRoute, Handler, RedirectRoute, RouteEntry};
+use super::router::{FileRoute, Handler, Matched, RedirectRoute};
 use super::server::Ctx;
 use crate::shared::config::RouteSecurity;
 use bytes::Bytes;
@@ -48,7 +48,7 @@ pub async fn serve(ctx: &Ctx, mut stream: TcpStream, peer: SocketAddr) {
             Head::Close => return,
             Head::Error(status) => {
                 let started = Instant::now();
-                let head = error_head(status, false);
+                let head = error_head(status).with_defaults();
                 let sent = send(ctx, &mut stream, head, error_body(status), false).await;
                 record(ctx, "OTHER", "", status, started, 0, sent.unwrap_or(0));
                 return;
@@ -148,7 +148,7 @@ async fn answer(
     let missing_host =
         req.version == 1 && req.header("host").is_none() && !req.target.contains("://");
     let (status, head, body, route) = if bad_framing || missing_host {
-        (400, error_head(400, false), error_body(400), None)
+        (400, error_head(400), error_body(400), None)
     } else if path == "/__metrics" {
         let text = crate::shared::metrics::render(ctx.region);
         let head = ResponseHead::new(200)
@@ -156,16 +156,16 @@ async fn answer(
         (200, head, Body::Bytes(Bytes::from(text)), None)
     } else {
         match ctx.router.route(&host, &path) {
-            None => (404, error_head(404, keep), error_body(404), None),
+            None => (404, error_head(404), error_body(404), None),
             Some(m) => {
                 log::trace!("{} {} -> {}", req.method, path, m.route.name);
-                let (status, head, body) = dispatch(req, m.route, &m.rest, peer);
+                let (status, head, body) = dispatch(req, &m, peer);
                 (status, head, body, Some(&m.route.security))
             }
         }
     };
     let keep = keep && status < 500 && status != 400;
-    let mut head = head;
+    let mut head = head.with_defaults();
     if let Some(sec) = route {
         apply_response_headers(&mut head, sec);
     }
@@ -188,12 +188,8 @@ async fn answer(
     sent.map(|_| keep)
 }
 
-fn dispatch(
-    req: &Request,
-    route: &RouteEntry,
-    rest: &str,
-    peer: SocketAddr,
-) -> (u16, ResponseHead, Body) {
+fn dispatch(req: &Request, m: &Matched, peer: SocketAddr) -> (u16, ResponseHead, Body) {
+    let route = m.route;
     let sec = &route.security;
     let ip = peer.ip();
     let ip = match ip {
@@ -203,36 +199,36 @@ fn dispatch(
     if route.denied.iter().any(|n| n.contains(&ip))
         || (!route.allowed.is_empty() && !route.allowed.iter().any(|n| n.contains(&ip)))
     {
-        return (403, error_head(403, true), error_body(403));
+        return (403, error_head(403), error_body(403));
     }
     if !sec.allowed_methods.is_empty() && !sec.allowed_methods.contains(&req.method) {
-        let head = error_head(405, true).header("Allow", sec.allowed_methods.join(", "));
+        let head = error_head(405).header("Allow", sec.allowed_methods.join(", "));
         return (405, head, error_body(405));
     }
     if req.content_length().ok().flatten().unwrap_or(0) > sec.max_request_body_size {
-        return (413, error_head(413, false), error_body(413));
+        return (413, error_head(413), error_body(413));
     }
     match &route.handler {
-        Handler::File(f) => serve_file(req, f, rest),
-        Handler::Redirect(r) => redirect(req, r, rest),
+        Handler::File(f) => serve_file(req, f, m),
+        Handler::Redirect(r) => redirect(req, r, &m.rest),
         Handler::Welcome => welcome(req),
-        Handler::Proxy => (501, error_head(501, true), error_body(501)),
+        Handler::Proxy => (501, error_head(501), error_body(501)),
     }
 }
 
-fn serve_file(req: &Request, route: &FileRoute, rest: &str) -> (u16, ResponseHead, Body) {
+fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> (u16, ResponseHead, Body) {
     if req.method != "GET" && req.method != "HEAD" {
-        let head = error_head(405, true).header("Allow", "GET, HEAD");
+        let head = error_head(405).header("Allow", "GET, HEAD");
         return (405, head, error_body(405));
     }
-    let (path, meta) = match files::resolve(route, rest) {
+    let (path, meta) = match files::resolve(route, m.rest.as_str(), m.exact) {
         Resolved::File { path, meta } => (path, meta),
-        Resolved::NotFound => return (404, error_head(404, true), error_body(404)),
-        Resolved::BadRequest => return (400, error_head(400, false), error_body(400)),
+        Resolved::NotFound => return (404, error_head(404), error_body(404)),
+        Resolved::BadRequest => return (400, error_head(400), error_body(400)),
     };
     let mut head = ResponseHead::new(200).header("Content-Type", files::content_type(&path));
-    if let Ok(m) = meta.modified() {
-        head.set("Last-Modified", http::http_date(m));
+    if let Ok(t) = meta.modified() {
+        head.set("Last-Modified", http::http_date(t));
     }
     if let Some(bytes) = route.cache.get(&path) {
         return (200, head, Body::Bytes(bytes.clone()));
@@ -247,9 +243,9 @@ fn serve_file(req: &Request, route: &FileRoute, rest: &str) -> (u16, ResponseHea
             },
         ),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            (403, error_head(403, true), error_body(403))
+            (403, error_head(403), error_body(403))
         }
-        Err(_) => (404, error_head(404, true), error_body(404)),
+        Err(_) => (404, error_head(404), error_body(404)),
     }
 }
 
@@ -276,7 +272,7 @@ const WELCOME: &str = "<!DOCTYPE html>\n<html><head><title>zerocopy-server</titl
 
 fn welcome(req: &Request) -> (u16, ResponseHead, Body) {
     if req.path() != "/" {
-        return (404, error_head(404, true), error_body(404));
+        return (404, error_head(404), error_body(404));
     }
     let head = ResponseHead::new(200).header("Content-Type", "text/html; charset=utf-8");
     (
@@ -286,7 +282,7 @@ fn welcome(req: &Request) -> (u16, ResponseHead, Body) {
     )
 }
 
-fn error_head(status: u16, _keep: bool) -> ResponseHead {
+fn error_head(status: u16) -> ResponseHead {
     ResponseHead::new(status).header("Content-Type", "text/plain; charset=utf-8")
 }
 
@@ -338,9 +334,6 @@ async fn send(
         };
         head.set("Content-Length", len.to_string());
     }
-    head.set("Date", http::http_date(std::time::SystemTime::now()));
-    head.headers
-        .insert(0, ("Server".into(), "zerocopy-server".into()));
     if !keep {
         head.set("Connection", "close");
     }

@@ -17,10 +17,10 @@ pub enum Resolved {
     BadRequest,
 }
 
-pub fn resolve(route: &FileRoute, rest: &str) -> Resolved {
+pub fn resolve(route: &FileRoute, rest: &str, exact: bool) -> Resolved {
     if !route.is_dir {
         // An exact-file route answers only its own path: `/robots.txt/extra` is 404.
-        return if rest.is_empty() {
+        return if exact {
             found(route.root.clone(), &route.root)
         } else {
             Resolved::NotFound

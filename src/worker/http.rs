@@ -180,6 +180,15 @@ impl ResponseHead {
         }
     }
 
+    /// `Server` and `Date`, set before the route's own header changes so that a route can
+    /// remove or replace them.
+    pub fn with_defaults(mut self) -> Self {
+        self.headers
+            .insert(0, ("Server".into(), "zerocopy-server".into()));
+        self.set("Date", http_date(std::time::SystemTime::now()));
+        self
+    }
+
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
         self.set(name, value);
         self

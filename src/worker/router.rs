@@ -18,6 +18,8 @@ use std::rc::Rc;
 pub struct RouteEntry {
     /// The route's key as configured, for logs.
     pub name: String,
+    /// The prefix without its trailing slash (`""` for `/`): what routing strips.
+    pub prefix: String,
     pub handler: Handler,
     pub security: RouteSecurity,
     pub allowed: Vec<IpNet>,
@@ -61,6 +63,8 @@ pub struct Matched<'a> {
     pub route: &'a RouteEntry,
     /// The path after the route's prefix: empty or starting with `/`.
     pub rest: String,
+    /// The path is the prefix itself (`/` for the root route): what an exact-file route needs.
+    pub exact: bool,
 }
 
 impl Router {
@@ -68,11 +72,21 @@ impl Router {
         let mut hosts = HashMap::new();
         let mut wildcard = None;
         if builtin {
-            let entry = Rc::new(entry("welcome".into(), Handler::Welcome, &Route::default()));
+            let entry = Rc::new(entry(
+                "welcome".into(),
+                "",
+                Handler::Welcome,
+                &Route::default(),
+            ));
             wildcard = Some(HostRoutes::Whole(entry));
         }
         for (host, route) in &config.host_routes {
-            let e = Rc::new(entry(format!("host_routes.{host}"), handler(route)?, route));
+            let e = Rc::new(entry(
+                format!("host_routes.{host}"),
+                "",
+                handler(route)?,
+                route,
+            ));
             insert(&mut hosts, &mut wildcard, host, HostRoutes::Whole(e));
         }
         for (host, paths) in &config.path_routes {
@@ -84,19 +98,21 @@ impl Router {
             for (prefix, route) in paths {
                 let e = Rc::new(entry(
                     format!("path_routes.{host}.{prefix}"),
+                    prefix,
                     handler(route)?,
                     route,
                 ));
                 let base = escape(prefix.trim_end_matches('/'));
+                // `/p`, `/p/` and `/p/...` (a catch-all never matches the empty string).
                 for pattern in [
-                    if base.is_empty() {
-                        "/".to_string()
-                    } else {
-                        base.clone()
-                    },
+                    base.clone(),
+                    format!("{base}/"),
                     format!("{base}/{{*rest}}"),
                 ] {
-                    // `/docs` and `/docs/` are one route: the second insert is a duplicate.
+                    if pattern.is_empty() {
+                        continue;
+                    }
+                    // `/docs` and `/docs/` are one route: their second insert is a duplicate.
                     let _ = tree.insert(pattern, e.clone());
                 }
             }
@@ -112,14 +128,15 @@ impl Router {
             HostRoutes::Whole(e) => Some(Matched {
                 route: e,
                 rest: path.to_string(),
+                exact: path == "/",
             }),
             HostRoutes::Paths(tree) => {
-                let m = tree.at(path).ok()?;
-                let rest = m.params.get("rest").map(|r| format!("/{r}"));
-                let rest = rest.unwrap_or_default();
+                let route = tree.at(path).ok()?.value;
+                let rest = path.get(route.prefix.len()..).unwrap_or_default();
                 Some(Matched {
-                    route: m.value,
-                    rest,
+                    route,
+                    rest: rest.to_string(),
+                    exact: rest.is_empty() || (route.prefix.is_empty() && rest == "/"),
                 })
             }
         }
@@ -144,7 +161,7 @@ fn escape(prefix: &str) -> String {
     prefix.replace('{', "{{").replace('}', "}}")
 }
 
-fn entry(name: String, handler: Handler, route: &Route) -> RouteEntry {
+fn entry(name: String, prefix: &str, handler: Handler, route: &Route) -> RouteEntry {
     let parse = |list: &[String]| {
         list.iter()
             .filter_map(|s| crate::shared::validate::parse_cidr(s))
@@ -152,6 +169,7 @@ fn entry(name: String, handler: Handler, route: &Route) -> RouteEntry {
     };
     RouteEntry {
         name,
+        prefix: prefix.trim_end_matches('/').to_string(),
         handler,
         security: route.security.clone(),
         allowed: parse(&route.security.allowed_ips),
@@ -193,10 +211,16 @@ const MEMORY_ROUTE_MAX: u64 = 256 * 1024 * 1024;
 fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
     let mut cache = HashMap::new();
     let mut total = 0u64;
-    let mut pending = vec![root
+    let root = root
         .canonicalize()
-        .map_err(|e| format!("{}: {e}", root.display()))?];
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    let mut pending = vec![root.clone()];
+    let mut seen = std::collections::HashSet::new();
     while let Some(path) = pending.pop() {
+        // Only what the route can serve (under its root), each once: symlink loops end here.
+        if !path.starts_with(&root) || !seen.insert(path.clone()) {
+            continue;
+        }
         let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         if meta.is_dir() {
             let entries =
