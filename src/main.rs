@@ -125,10 +125,9 @@ fn test_config(source: &ConfigSource, print: bool) -> i32 {
             for e in &errors {
                 eprintln!("error: {e}");
             }
-            eprintln!(
-                "zerocopy-server: configuration {name} is invalid ({} errors)",
-                errors.len()
-            );
+            let n = errors.len();
+            let plural = if n == 1 { "" } else { "s" };
+            eprintln!("zerocopy-server: configuration {name} is invalid ({n} error{plural})");
             1
         }
     }

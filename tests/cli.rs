@@ -36,6 +36,10 @@ listen = "not-an-address"
 [logging]
 level = "loud"
 
+[security]
+drop_privileges_user = "no-such-user-zc"
+drop_privileges_group = "no-such-group-zc"
+
 [tls]
 cert_path = "{dir}/missing.crt"
 key_path = "{dir}/missing.key"
@@ -93,6 +97,11 @@ servers = ["http://127.0.0.1:1", "ftp://nope"]
         "invalid IP address or CIDR `not-an-ip`",
         "`path_routes.\"example.com\".\"/ips\".security.allowed_methods`: invalid HTTP method `get me`",
         "`upstreams.\"pool\".servers`: invalid upstream URL `ftp://nope`",
+        "`security.drop_privileges_user`: unknown user `no-such-user-zc`",
+        "`security.drop_privileges_group`: unknown group `no-such-group-zc`",
+        // Semantic errors carry the line of their key too.
+        "config.toml:3: `server.listen`",
+        "config.toml:30: `path_routes.\"example.com\".\"/badurl\".url`",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
@@ -106,11 +115,19 @@ servers = ["http://127.0.0.1:1", "ftp://nope"]
 
 #[test]
 fn unknown_keys_and_syntax_errors_name_key_and_line() {
-    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nthreds = 2\n");
+    // Every unknown key at once, each with its line.
+    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nthreds = 2\n\n[logging]\nlevle = \"info\"\n\n[path_routes.\"a\".\"/x\"]\npath = \"/tmp\"\ncolour = \"red\"\n\n[bogus]\n");
     let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());
     assert_eq!(code, 1);
-    assert!(err.contains("config.toml:3:"), "line number: {err}");
-    assert!(err.contains("unknown field `threds`"), "{err}");
+    for expected in [
+        "config.toml:3: `server.threds`: unknown field `threds`",
+        "config.toml:6: `logging.levle`: unknown field `levle`",
+        "config.toml:10: `path_routes.a.\"/x\".colour`: unknown field `colour`",
+        "config.toml:12: `bogus`: unknown section `bogus`",
+        "(4 errors)",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
 
     let s = Server::prepare("[path_routes.\"a\".\"/\"]\npath = \"/tmp\"\nmode = \"mmap\"\n");
     let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());

@@ -56,7 +56,7 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain) -> Result<()> {
             for e in &errors {
                 eprintln!("error: {e}");
             }
-            bail!("invalid configuration ({} errors)", errors.len());
+            bail!("invalid configuration ({} error(s))", errors.len());
         }
     };
     shared::log::init_direct(&config.logging, "master").context("cannot open the log file")?;
@@ -167,7 +167,7 @@ fn reload(source: &ConfigSource, running: &Config) -> Option<Arc<Config>> {
                 log::error!("reload: {e}");
             }
             log::error!(
-                "reload aborted ({} errors): the running configuration keeps serving",
+                "reload aborted ({} error(s)): the running configuration keeps serving",
                 errors.len()
             );
             return None;

@@ -64,24 +64,180 @@ pub fn load_file(path: &Path) -> Result<Config, Vec<ConfigError>> {
 
 /// Parses and validates config text; `file` names it in errors.
 pub fn load_str(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
-    let config: Config = toml::from_str(text).map_err(|e| vec![toml_error(text, file, &e)])?;
-    validate(&config, file)?;
+    let config: Config = match toml::from_str(text) {
+        Ok(c) => c,
+        Err(first) => return Err(schema_errors(text, file, &first)),
+    };
+    validate(&config, file).map_err(|mut errors| {
+        if let Ok(doc) = toml_edit::ImDocument::parse(text) {
+            for e in &mut errors {
+                e.line = locate(&doc, &split_key(&e.key)).map(|at| line_at(text, at));
+            }
+        }
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        errors
+    })?;
     Ok(config)
 }
 
+fn line_at(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].matches('\n').count() + 1
+}
+
+/// serde stops at the first schema error (unknown key, wrong type); to report them all, each
+/// section and each route is deserialized again on its own, and each error located by key.
+fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigError> {
+    let mut errors = vec![toml_error(text, file, first)];
+    let (Ok(table), Ok(doc)) = (
+        toml::from_str::<toml::Table>(text),
+        toml_edit::ImDocument::parse(text),
+    ) else {
+        return errors;
+    };
+    let mut check = |path: Vec<String>, result: Result<(), toml::de::Error>| {
+        let Err(e) = result else { return };
+        let message = e.message().trim().to_string();
+        let mut path = path;
+        if let Some(field) = unknown_field(&message) {
+            path.push(field.to_string());
+        }
+        let line = locate(&doc, &path).map(|at| line_at(text, at));
+        let key = join_key(&path);
+        let duplicate = errors
+            .iter()
+            .any(|old| old.message == message && (old.line == line || old.key == key));
+        if !duplicate {
+            errors.push(ConfigError {
+                file: file.to_string(),
+                line,
+                key,
+                message,
+            });
+        }
+    };
+    fn de<T: serde::de::DeserializeOwned>(v: &toml::Value) -> Result<(), toml::de::Error> {
+        T::deserialize(v.clone()).map(|_| ())
+    }
+    for (section, value) in &table {
+        let p = |rest: &[&str]| {
+            std::iter::once(section.as_str())
+                .chain(rest.iter().copied())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        match section.as_str() {
+            "server" => check(p(&[]), de::<ServerConfig>(value)),
+            "logging" => check(p(&[]), de::<LoggingConfig>(value)),
+            "security" => check(p(&[]), de::<GlobalSecurity>(value)),
+            "performance" => check(p(&[]), de::<PerformanceConfig>(value)),
+            "tls" => check(p(&[]), de::<TlsConfig>(value)),
+            "host_routes" | "upstreams" => {
+                for (name, item) in value.as_table().into_iter().flatten() {
+                    let r = if section == "host_routes" {
+                        de::<Route>(item)
+                    } else {
+                        de::<Upstream>(item)
+                    };
+                    check(p(&[name]), r);
+                }
+            }
+            "path_routes" => {
+                for (host, paths) in value.as_table().into_iter().flatten() {
+                    for (prefix, item) in paths.as_table().into_iter().flatten() {
+                        check(p(&[host, prefix]), de::<Route>(item));
+                    }
+                }
+            }
+            _ => check(
+                vec![section.clone()],
+                Err(serde::de::Error::custom(format!(
+                    "unknown section `{section}` (server, logging, security, performance, tls, host_routes, path_routes, upstreams)"
+                ))),
+            ),
+        }
+    }
+    errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+    errors
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next())
+}
+
+/// Byte offset of the deepest part of `path` found in the document.
+fn locate(doc: &toml_edit::ImDocument<&str>, path: &[String]) -> Option<usize> {
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut best = None;
+    for seg in path {
+        let Some(item) = table.get(seg) else { break };
+        let span = table
+            .key(seg)
+            .and_then(|k| k.span())
+            .or_else(|| item.span());
+        best = span.map(|r| r.start).or(best);
+        match item.as_table_like() {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    best
+}
+
+/// `path_routes."example.com"."/api/".url` → its segments.
+fn split_key(key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in key.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Segments → the key as the config file spells it, quoting where TOML needs quotes.
+fn join_key(path: &[String]) -> String {
+    path.iter()
+        .map(|seg| {
+            let bare = !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if bare {
+                seg.clone()
+            } else {
+                format!("\"{seg}\"")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-    let key = e
+    let line = e.span().map(|s| line_at(text, s.start));
+    let message = e.message().trim().to_string();
+    let mut key = e
         .span()
         .map(|s| enclosing_table(text, s.start))
         .unwrap_or_default();
+    if let Some(field) = unknown_field(&message) {
+        key = if key.is_empty() {
+            field.to_string()
+        } else {
+            format!("{key}.{field}")
+        };
+    }
     ConfigError {
         file: file.to_string(),
         line,
         key,
-        message: e.message().trim().to_string(),
+        message,
     }
 }
 
@@ -159,8 +315,10 @@ fn validate_server(c: &Config, e: &mut Errors) {
             e.add("server.http_listen", "must differ from server.listen");
         }
     }
-    if c.server.threads > 1024 {
-        e.add("server.threads", "at most 1024 workers");
+    // Two generations must fit in the shared slots at once (one drains while one starts).
+    let max_workers = super::shm::MAX_SLOTS / 2;
+    if c.server.threads > max_workers {
+        e.add("server.threads", format!("at most {max_workers} workers"));
     }
     if let Some(pid) = &c.server.pid_file {
         check_parent_dir(pid, "server.pid_file", e);
