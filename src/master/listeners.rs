@@ -66,13 +66,18 @@ fn set_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> std::io::Result<()> {
+    setsockopt(fd.as_raw_fd(), level, name, &value)
+}
+
+fn setsockopt<T>(fd: i32, level: libc::c_int, name: libc::c_int, value: &T) -> std::io::Result<()> {
+    let len = std::mem::size_of::<T>() as libc::socklen_t;
     let r = unsafe {
         libc::setsockopt(
-            fd.as_raw_fd(),
+            fd,
             level,
             name,
-            &value as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            value as *const T as *const libc::c_void,
+            len,
         )
     };
     if r == 0 {
@@ -156,18 +161,10 @@ pub fn attach_cbpf(group: &ListenGroup) -> std::io::Result<()> {
         len: prog.len() as u16,
         filter: prog.as_mut_ptr(),
     };
-    let r = unsafe {
-        libc::setsockopt(
-            first.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            &fprog as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    setsockopt(
+        first.as_raw_fd(),
+        libc::SOL_SOCKET,
+        SO_ATTACH_REUSEPORT_CBPF,
+        &fprog,
+    )
 }
