@@ -41,6 +41,13 @@ pub struct ServerConfig {
     pub pid_file: Option<String>,
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_secs: u64,
+    /// How long an idle keep-alive connection is kept (nginx's `keepalive_timeout`).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_timeout_secs: u64,
+    /// How long a request head may take before its route (and the route's own limit) is
+    /// known: the spec's 30 s default.
+    #[serde(default = "thirty")]
+    pub client_header_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +58,8 @@ impl Default for ServerConfig {
             threads: 0,
             pid_file: None,
             shutdown_timeout_secs: default_shutdown_timeout(),
+            keepalive_timeout_secs: default_keepalive(),
+            client_header_timeout_secs: thirty(),
         }
     }
 }
@@ -60,6 +69,9 @@ fn default_listen() -> String {
 }
 fn default_shutdown_timeout() -> u64 {
     30
+}
+fn default_keepalive() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -320,6 +320,12 @@ fn validate_server(c: &Config, e: &mut Errors) {
     if c.server.threads > max_workers {
         e.add("server.threads", format!("at most {max_workers} workers"));
     }
+    if c.server.keepalive_timeout_secs == 0 {
+        e.add("server.keepalive_timeout_secs", "must be at least 1");
+    }
+    if c.server.client_header_timeout_secs == 0 {
+        e.add("server.client_header_timeout_secs", "must be at least 1");
+    }
     if let Some(pid) = &c.server.pid_file {
         check_parent_dir(pid, "server.pid_file", e);
     }

@@ -1,12 +1,16 @@
-//! `File` routes: mapping a request path onto the route's file or directory.
+//! `File` routes: mapping a request path onto the route's file or directory, and the
+//! validators (ETag, Last-Modified), conditional requests and byte ranges of RFC 9110.
 //!
-//! The rule that keeps every answer inside the route's root: the rest of the path is
-//! percent-decoded once, split on `/`, and any segment that is `..`, contains a backslash or a
-//! NUL, or decodes to contain `/` is refused (400); the file found is then resolved through
-//! its symlinks and must still lie under the root's own resolved path (else 404).
+//! Staying inside the root: the request path reaches this module already percent-decoded,
+//! with dot-segments resolved and encoded `/`, `\` and NUL refused (`http::normalize_path`).
+//! The rest after the route's prefix is joined to the root segment by segment; the file found
+//! is then resolved through its symlinks and must still lie under the root's own resolved
+//! path, else 404.
 
+use super::http::{self, Request};
 use super::router::FileRoute;
 use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
 pub enum Resolved {
     File {
@@ -17,9 +21,10 @@ pub enum Resolved {
     BadRequest,
 }
 
+/// `rest`: the normalized path after the route's prefix. `exact`: the request path is the
+/// prefix itself, which is all an exact-file route answers (`/robots.txt/extra` is 404).
 pub fn resolve(route: &FileRoute, rest: &str, exact: bool) -> Resolved {
     if !route.is_dir {
-        // An exact-file route answers only its own path: `/robots.txt/extra` is 404.
         return if exact {
             found(route.root.clone(), &route.root)
         } else {
@@ -27,14 +32,9 @@ pub fn resolve(route: &FileRoute, rest: &str, exact: bool) -> Resolved {
         };
     }
     let mut path = route.root.clone();
-    for raw in rest.split('/').filter(|s| !s.is_empty()) {
-        let Some(seg) = percent_decode(raw) else {
-            return Resolved::BadRequest;
-        };
-        if seg == "." {
-            continue;
-        }
-        if seg == ".." || seg.contains(['/', '\\', '\0']) {
+    for seg in rest.split('/').filter(|s| !s.is_empty()) {
+        // Normalization removed these; refusing them again costs nothing.
+        if seg == "." || seg == ".." || seg.contains(['\\', '\0']) {
             return Resolved::BadRequest;
         }
         path.push(seg);
@@ -58,28 +58,6 @@ fn found(path: PathBuf, root: &Path) -> Resolved {
     }
 }
 
-/// `%41` → `A`; `None` for a malformed escape or invalid UTF-8.
-pub fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 pub fn content_type(path: &Path) -> String {
     let mime = mime_guess::from_path(path).first_or_octet_stream();
     match mime.type_() {
@@ -88,5 +66,185 @@ pub fn content_type(path: &Path) -> String {
             format!("{mime}; charset=utf-8")
         }
         _ => mime.to_string(),
+    }
+}
+
+/// What a file's validators say about it.
+pub struct Validators {
+    pub etag: String,
+    /// Last modification, whole seconds since the epoch.
+    pub modified: u64,
+}
+
+impl Validators {
+    /// A strong ETag from modification time (with nanoseconds) and size, as nginx does with
+    /// seconds: two versions of a file differ in one or the other.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        let t = meta.modified().unwrap_or(UNIX_EPOCH);
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Validators {
+            etag: format!(
+                "\"{:x}.{:x}-{:x}\"",
+                d.as_secs(),
+                d.subsec_nanos(),
+                meta.len()
+            ),
+            modified: d.as_secs(),
+        }
+    }
+
+    pub fn last_modified(&self) -> String {
+        http::http_date(UNIX_EPOCH + std::time::Duration::from_secs(self.modified))
+    }
+
+    /// If-None-Match (weak comparison), else If-Modified-Since: the client's copy is current.
+    pub fn not_modified(&self, req: &Request) -> bool {
+        if let Some(inm) = req.header("if-none-match") {
+            return etag_list_matches(inm, &self.etag, false);
+        }
+        match req.header("if-modified-since").and_then(parse_http_date) {
+            Some(since) => self.modified <= since,
+            None => false,
+        }
+    }
+
+    /// If-Range: the range applies only if the client's validator is still current (a strong
+    /// ETag match, or exactly the Last-Modified date).
+    fn range_applies(&self, req: &Request) -> bool {
+        match req.header("if-range") {
+            None => true,
+            Some(v) if v.starts_with(b"\"") || v.starts_with(b"W/") => {
+                etag_list_matches(v, &self.etag, true)
+            }
+            Some(v) => parse_http_date(v) == Some(self.modified),
+        }
+    }
+}
+
+fn etag_list_matches(list: &[u8], etag: &str, strong: bool) -> bool {
+    let list = String::from_utf8_lossy(list);
+    if list.trim() == "*" {
+        return true;
+    }
+    list.split(',').map(str::trim).any(|tag| {
+        if strong {
+            tag == etag
+        } else {
+            tag.trim_start_matches("W/") == etag
+        }
+    })
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// No (usable) Range: the whole file, 200.
+    Full,
+    /// Bytes `start..=end`, 206.
+    Partial(u64, u64),
+    /// 416.
+    Unsatisfiable,
+}
+
+/// A single byte range of a GET. Several ranges, or a Range that does not parse, get the
+/// whole file (RFC 9110 allows ignoring Range).
+pub fn range(req: &Request, len: u64, v: &Validators) -> RangeAnswer {
+    let Some(value) = req.header("range") else {
+        return RangeAnswer::Full;
+    };
+    if req.method != "GET" || !v.range_applies(req) {
+        return RangeAnswer::Full;
+    }
+    let Some(spec) = std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.trim().strip_prefix("bytes="))
+    else {
+        return RangeAnswer::Full;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (a.is_empty(), num(a), num(b)) {
+        // bytes=-N: the last N bytes
+        (true, _, Some(n)) if n > 0 && len > 0 => {
+            RangeAnswer::Partial(len.saturating_sub(n), len - 1)
+        }
+        (true, _, Some(_)) => RangeAnswer::Unsatisfiable,
+        (false, Some(start), _) if start >= len => RangeAnswer::Unsatisfiable,
+        (false, Some(start), None) if b.is_empty() => RangeAnswer::Partial(start, len - 1),
+        (false, Some(start), Some(end)) if start <= end => {
+            RangeAnswer::Partial(start, end.min(len - 1))
+        }
+        _ => RangeAnswer::Full,
+    }
+}
+
+/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) to seconds since the epoch.
+pub fn parse_http_date(v: &[u8]) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let mut parts = s.split(' ');
+    let (_day, d, mon, y, hms, gmt) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    if gmt != "GMT" || parts.next().is_some() {
+        return None;
+    }
+    let d: u32 = d.parse().ok()?;
+    let m = MONTHS.iter().position(|x| *x == mon)? as u32 + 1;
+    let y: i64 = y.parse().ok()?;
+    let mut t = hms.split(':').map(|x| x.parse::<u64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if d == 0 || d > 31 || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    if days < 0 {
+        return None;
+    }
+    Some(days as u64 * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// (year, month, day) to days since 1970-01-01; Howard Hinnant's algorithm.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp as i64 + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates_round_trip() {
+        for secs in [0u64, 784_111_777, 1_700_000_000, 4_102_444_800] {
+            let text = http::http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+            assert_eq!(parse_http_date(text.as_bytes()), Some(secs), "{text}");
+        }
+        assert_eq!(
+            parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        assert_eq!(parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT"), None);
+        assert_eq!(parse_http_date(b"garbage"), None);
     }
 }

@@ -18,6 +18,7 @@ pub enum Parse {
     Complete(Request, usize),
     Partial,
     Invalid(&'static str),
+    TooManyHeaders,
 }
 
 pub fn parse(buf: &[u8]) -> Parse {
@@ -38,7 +39,7 @@ pub fn parse(buf: &[u8]) -> Parse {
             },
             n,
         ),
-        Err(httparse::Error::TooManyHeaders) => Parse::Invalid("too many header fields"),
+        Err(httparse::Error::TooManyHeaders) => Parse::TooManyHeaders,
         Err(_) => Parse::Invalid("malformed request head"),
     }
 }
@@ -107,21 +108,196 @@ impl Request {
         strip_port(&raw).to_string()
     }
 
-    pub fn content_length(&self) -> Result<Option<u64>, ()> {
+    /// Checks the head against RFC 9112's framing and field rules. An `Err` is the status to
+    /// answer before closing: these are the requests a proxy in front or behind could read
+    /// differently (request smuggling), so none of them is served.
+    pub fn check(&self) -> Result<Framing, u16> {
+        if !valid_target(&self.method, &self.target) {
+            return Err(400);
+        }
+        for (name, value) in &self.headers {
+            // httparse refuses CR, LF, obs-fold and space before the colon; NUL and the other
+            // controls but HTAB are refused here.
+            if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) || name.is_empty() {
+                return Err(400);
+            }
+        }
+        let hosts = self.headers_named("host").count();
+        if hosts > 1 || (self.version == 1 && hosts == 0) {
+            return Err(400);
+        }
+        if let Some(h) = self.header("host") {
+            if !valid_host(h) {
+                return Err(400);
+            }
+        }
+        if let Some(e) = self.header("expect") {
+            if !e.trim_ascii().eq_ignore_ascii_case(b"100-continue")
+                || self.headers_named("expect").count() > 1
+            {
+                return Err(417);
+            }
+        }
+        let te: Vec<&[u8]> = self
+            .headers_named("transfer-encoding")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .map(|t| t.trim_ascii())
+            .collect();
+        let cl = self.content_length()?;
+        if !te.is_empty() {
+            // Only a single, final `chunked`; never together with Content-Length; never in
+            // HTTP/1.0, which has no chunked framing.
+            if cl.is_some()
+                || self.version == 0
+                || te.len() != 1
+                || !te[0].eq_ignore_ascii_case(b"chunked")
+            {
+                return Err(400);
+            }
+            return Ok(Framing::Chunked);
+        }
+        Ok(match cl {
+            None | Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+        })
+    }
+
+    /// Content-Length: identical values if repeated, digits only.
+    fn content_length(&self) -> Result<Option<u64>, u16> {
         let mut value = None;
         for v in self.headers_named("content-length") {
-            let s = std::str::from_utf8(v).map_err(|_| ())?.trim();
-            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(());
+            let s = v.trim_ascii();
+            if s.is_empty() || s.len() > 19 || !s.iter().all(|b| b.is_ascii_digit()) {
+                return Err(400);
             }
-            let n: u64 = s.parse().map_err(|_| ())?;
+            let n: u64 = std::str::from_utf8(s)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or(400u16)?;
             if value.is_some_and(|old| old != n) {
-                return Err(());
+                return Err(400);
             }
             value = Some(n);
         }
         Ok(value)
     }
+
+    pub fn expects_continue(&self) -> bool {
+        self.header("expect").is_some()
+    }
+}
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+fn valid_target(method: &str, target: &str) -> bool {
+    let b = target.as_bytes();
+    if b.iter()
+        .any(|&c| c <= 0x20 || c == 0x7f || c == b'"' || c == b'<' || c == b'>' || c == b'\\')
+    {
+        return false;
+    }
+    if target.starts_with('/') {
+        return true;
+    }
+    if target == "*" {
+        return method == "OPTIONS";
+    }
+    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        let after = &target[target.find("://").map_or(0, |i| i + 3)..];
+        let authority = after.split(['/', '?', '#']).next().unwrap_or("");
+        return !authority.is_empty() && valid_host(authority.as_bytes());
+    }
+    false
+}
+
+/// `host[:port]` or `[v6]:port`, without user info, spaces or controls.
+fn valid_host(h: &[u8]) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+}
+
+/// Percent-decodes `path` and resolves its dot-segments, merging repeated slashes, before any
+/// route sees it. `Err` (400): a malformed escape, an encoded `/`, `\` or NUL, a backslash,
+/// invalid UTF-8, or `..` above the root.
+pub fn normalize_path(path: &str) -> Result<String, ()> {
+    if !path.starts_with('/') {
+        return Err(());
+    }
+    let decoded = percent_decode(path)?;
+    if decoded.contains(['\\', '\0']) {
+        return Err(());
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split('/') {
+        trailing = false;
+        match seg {
+            "" => trailing = true,
+            "." => trailing = true,
+            ".." => {
+                out.pop().ok_or(())?;
+                trailing = true;
+            }
+            s => out.push(s),
+        }
+    }
+    let mut s = String::with_capacity(decoded.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if trailing || s.is_empty() {
+        s.push('/');
+    }
+    Ok(s)
+}
+
+/// `%41` → `A`. An encoded `/`, `\` or NUL is refused: it would change how the path splits.
+fn percent_decode(s: &str) -> Result<String, ()> {
+    if !s.contains('%') {
+        return Ok(s.to_string());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).ok_or(())?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).map_err(|_| ())?, 16)
+                .map_err(|_| ())?;
+            if v == b'/' || v == b'\\' || v == 0 {
+                return Err(());
+            }
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ())
+}
+
+/// Percent-encodes what may not stand in a URL path as it is (for Location headers).
+pub fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn strip_port(host: &str) -> &str {
@@ -237,4 +413,37 @@ pub fn http_date(t: std::time::SystemTime) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_paths() {
+        for (input, want) in [
+            ("/", Some("/")),
+            ("/a/b", Some("/a/b")),
+            ("/a/b/", Some("/a/b/")),
+            ("/a/./b", Some("/a/b")),
+            ("/a/../b", Some("/b")),
+            ("/a/b/..", Some("/a/")),
+            ("//a///b", Some("/a/b")),
+            ("/%61%62c", Some("/abc")),
+            ("/a/%2e%2e/b", Some("/b")),
+            ("/..", None),
+            ("/a/../..", None),
+            ("/%2e%2e/x", None),
+            ("/a%2fb", None),
+            ("/a%5cb", None),
+            ("/a\\b", None),
+            ("/a%00b", None),
+            ("/a%zz", None),
+            ("/a%2", None),
+            ("/%ff", None),
+            ("relative", None),
+        ] {
+            assert_eq!(normalize_path(input).ok().as_deref(), want, "{input}");
+        }
+    }
 }

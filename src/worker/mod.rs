@@ -2,10 +2,14 @@
 //! It serves the sockets it was handed until the master tells it to drain (SIGQUIT) or to
 //! stop (SIGTERM/SIGINT).
 
+mod body;
+mod chunked;
 mod conn;
 mod files;
+mod handlers;
 mod http;
 mod recorder;
+mod respond;
 mod router;
 mod server;
 mod signals;

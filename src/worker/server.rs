@@ -13,12 +13,10 @@ use monoio::net::{TcpListener, UnixStream};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::*;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// What every connection task of this worker shares.
 pub struct Ctx {
-    pub config: Arc<Config>,
     pub router: Router,
     pub region: &'static Region,
     pub slot: &'static Slot,
@@ -27,6 +25,12 @@ pub struct Ctx {
     /// Cancels idle keep-alive reads and pending accepts when draining starts.
     canceller: RefCell<Canceller>,
     pub connections: Cell<usize>,
+    /// The largest request head any route accepts: heads are read up to this size.
+    pub max_head: usize,
+    /// How long a kept-alive connection may wait for its next request.
+    pub keepalive: Duration,
+    /// How long a head may take until its route is known.
+    pub head_timeout: Duration,
     /// Reusable 64 KiB buffers for bodies; an idle connection holds none.
     pool: RefCell<Vec<Vec<u8>>>,
 }
@@ -38,7 +42,6 @@ impl Ctx {
     pub fn new(start: &WorkerStart, router: Router) -> Ctx {
         let slot = &start.shm.slots[start.slot];
         Ctx {
-            config: start.config.clone(),
             router,
             region: start.shm,
             slot,
@@ -46,6 +49,9 @@ impl Ctx {
             draining: Cell::new(false),
             canceller: RefCell::new(Canceller::new()),
             connections: Cell::new(0),
+            max_head: max_head_size(&start.config),
+            keepalive: Duration::from_secs(start.config.server.keepalive_timeout_secs),
+            head_timeout: Duration::from_secs(start.config.server.client_header_timeout_secs),
             pool: RefCell::new(Vec::new()),
         }
     }
@@ -173,4 +179,17 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {
             }
         }
     }
+}
+
+/// The route is known only once the head is parsed: read heads up to the largest limit.
+fn max_head_size(c: &Config) -> usize {
+    c.host_routes
+        .values()
+        .chain(c.path_routes.values().flat_map(|p| p.values()))
+        .map(|r| r.security.max_request_header_size as usize)
+        .chain(std::iter::once(
+            crate::shared::config::RouteSecurity::default().max_request_header_size as usize,
+        ))
+        .max()
+        .unwrap_or(8192)
 }

@@ -1,0 +1,150 @@
+//! Request bodies, read as they arrive: the bytes already buffered after the head first, then
+//! the socket, one bounded piece at a time, with the route's body timeout on every read.
+
+use super::chunked::{ChunkError, ChunkedDecoder};
+use super::http::Framing;
+use monoio::buf::IoBufMut;
+use monoio::io::AsyncReadRent;
+use monoio::net::TcpStream;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// Malformed chunked framing: 400.
+    Invalid,
+    /// Past `max_chunked_body_size`: 413.
+    TooLarge,
+    /// No byte within `client_body_timeout_secs`: 408.
+    Timeout,
+    /// The client went away.
+    Closed,
+}
+
+impl BodyError {
+    /// The status to answer with, if the client can still be answered.
+    pub fn status(self) -> Option<u16> {
+        match self {
+            BodyError::Invalid => Some(400),
+            BodyError::TooLarge => Some(413),
+            BodyError::Timeout => Some(408),
+            BodyError::Closed => None,
+        }
+    }
+}
+
+pub struct BodyReader {
+    /// Bytes of a Content-Length body still to come.
+    remaining: u64,
+    chunked: Option<ChunkedDecoder>,
+    timeout: Duration,
+}
+
+/// Largest piece handed out at once.
+const PIECE: usize = 64 * 1024;
+
+impl BodyReader {
+    pub fn new(framing: Framing, max_chunked: u64, timeout: Duration) -> Self {
+        BodyReader {
+            remaining: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunked: (framing == Framing::Chunked).then(|| ChunkedDecoder::new(max_chunked)),
+            timeout,
+        }
+    }
+
+    fn done(&self) -> bool {
+        match &self.chunked {
+            Some(d) => d.is_done(),
+            None => self.remaining == 0,
+        }
+    }
+
+    /// Puts the next piece of body into `out` (cleared first). `Ok(false)`: the body is
+    /// complete and `out` is empty. `buf` holds bytes read past the head; what is left of it
+    /// afterwards belongs to the next request.
+    pub async fn next(
+        &mut self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, BodyError> {
+        out.clear();
+        loop {
+            if self.done() {
+                return Ok(false);
+            }
+            if !buf.is_empty() {
+                self.take(buf, out)?;
+                if !out.is_empty() || self.done() {
+                    return Ok(!out.is_empty());
+                }
+                continue;
+            }
+            if self.chunked.is_none() {
+                // Straight into `out`: no copy through `buf`.
+                let want = self.remaining.min(PIECE as u64) as usize;
+                out.reserve(want);
+                let owned = std::mem::take(out).slice_mut(0..want);
+                let (n, back) = self.read(stream, owned).await?;
+                *out = back.into_inner();
+                self.remaining -= n as u64;
+                return Ok(true);
+            }
+            buf.reserve(PIECE);
+            let len = buf.len();
+            let cap = buf.capacity().min(len + PIECE);
+            let owned = std::mem::take(buf).slice_mut(len..cap);
+            let (_, back) = self.read(stream, owned).await?;
+            *buf = back.into_inner();
+        }
+    }
+
+    /// Moves body bytes from `buf` to `out`.
+    fn take(&mut self, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), BodyError> {
+        let used = match &mut self.chunked {
+            Some(d) => {
+                let limit = buf.len().min(PIECE);
+                d.decode(&buf[..limit], out).map_err(|e| match e {
+                    ChunkError::Invalid(_) => BodyError::Invalid,
+                    ChunkError::TooLarge => BodyError::TooLarge,
+                })?
+            }
+            None => {
+                let n = (buf.len() as u64).min(self.remaining) as usize;
+                out.extend_from_slice(&buf[..n]);
+                self.remaining -= n as u64;
+                n
+            }
+        };
+        buf.drain(..used);
+        Ok(())
+    }
+
+    async fn read<T: IoBufMut>(
+        &self,
+        stream: &mut TcpStream,
+        into: T,
+    ) -> Result<(usize, T), BodyError> {
+        match monoio::time::timeout(self.timeout, stream.read(into)).await {
+            Err(_) => Err(BodyError::Timeout),
+            Ok((Ok(0), _)) | Ok((Err(_), _)) => Err(BodyError::Closed),
+            Ok((Ok(n), back)) => Ok((n, back)),
+        }
+    }
+}
+
+/// Reads and drops a whole body; returns its decoded size.
+pub async fn discard(
+    reader: &mut BodyReader,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<u64, BodyError> {
+    let mut total = 0;
+    while reader.next(stream, buf, scratch).await? {
+        total += scratch.len() as u64;
+    }
+    Ok(total)
+}

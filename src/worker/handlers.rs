@@ -1,0 +1,131 @@
+//! What a routed request is answered with: per-route access checks, then the route's
+//! handler. Everything here decides a response; nothing here does I/O on the client socket.
+
+use super::files::{self, RangeAnswer, Resolved, Validators};
+use super::http::{self, Request, ResponseHead};
+use super::respond::{Body, Response};
+use super::router::{FileRoute, Handler, Matched, RedirectRoute, RouteEntry};
+use bytes::Bytes;
+use std::net::{IpAddr, SocketAddr};
+
+/// Access checks of the route's `security` table, in the spec's order: IP (deny first), then
+/// method. `None`: allowed.
+pub fn refuse(req: &Request, route: &RouteEntry, peer: SocketAddr) -> Option<Response> {
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let denied = route.denied.iter().any(|n| n.contains(&ip));
+    let allowed = route.allowed.is_empty() || route.allowed.iter().any(|n| n.contains(&ip));
+    if denied || !allowed {
+        return Some(Response::error(403));
+    }
+    let methods = &route.security.allowed_methods;
+    if !methods.is_empty() && !methods.contains(&req.method) {
+        let mut r = Response::error(405);
+        r.head.set("Allow", methods.join(", "));
+        return Some(r);
+    }
+    None
+}
+
+pub fn handle(req: &Request, m: &Matched) -> Response {
+    match &m.route.handler {
+        Handler::File(f) => serve_file(req, f, m),
+        Handler::Redirect(r) => redirect(req, r, &m.rest),
+        Handler::Welcome => welcome(req),
+        Handler::Proxy => Response::error(501),
+    }
+}
+
+fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
+    if req.method != "GET" && req.method != "HEAD" {
+        let mut r = Response::error(405);
+        r.head.set("Allow", "GET, HEAD");
+        return r;
+    }
+    let (path, meta) = match files::resolve(route, &m.rest, m.exact) {
+        Resolved::File { path, meta } => (path, meta),
+        Resolved::NotFound => return Response::error(404),
+        Resolved::BadRequest => return Response::error(400),
+    };
+    let v = Validators::of(&meta);
+    let mut head = ResponseHead::new(200)
+        .header("Content-Type", files::content_type(&path))
+        .header("Last-Modified", v.last_modified())
+        .header("ETag", v.etag.clone())
+        .header("Accept-Ranges", "bytes");
+    if v.not_modified(req) {
+        head.status = 304;
+        head.remove("Content-Type");
+        return Response::new(head, Body::Empty);
+    }
+    let len = meta.len();
+    let (start, count) = match files::range(req, len, &v) {
+        RangeAnswer::Full => (0, len),
+        RangeAnswer::Partial(a, b) => {
+            head.status = 206;
+            head.set("Content-Range", format!("bytes {a}-{b}/{len}"));
+            (a, b - a + 1)
+        }
+        RangeAnswer::Unsatisfiable => {
+            let mut r = Response::error(416);
+            r.head.set("Content-Range", format!("bytes */{len}"));
+            return r;
+        }
+    };
+    if let Some(bytes) = route.cache.get(&path) {
+        // A memory route answers from what it read at start, even if the file changed since.
+        let end = (start + count).min(bytes.len() as u64) as usize;
+        let body = bytes.slice(start as usize..end);
+        return Response::new(head, Body::Bytes(body));
+    }
+    match std::fs::File::open(&path) {
+        Ok(file) => Response::new(
+            head,
+            Body::File {
+                file,
+                offset: start,
+                len: count,
+            },
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Response::error(403),
+        Err(_) => Response::error(404),
+    }
+}
+
+fn redirect(req: &Request, r: &RedirectRoute, rest: &str) -> Response {
+    let path_var = if rest.is_empty() { "/" } else { rest };
+    let mut location = r
+        .url
+        .replace("$request_uri", &req.target)
+        .replace("$path", &http::encode_path(path_var));
+    if r.preserve_path {
+        location.push_str(&http::encode_path(rest));
+        if let Some(q) = req.target.find('?') {
+            location.push_str(&req.target[q..]);
+        }
+    }
+    let head = ResponseHead::new(r.status)
+        .header("Location", location)
+        .header("Content-Type", "text/plain; charset=utf-8");
+    let body = format!("{} {}\n", r.status, http::reason(r.status));
+    Response::new(head, Body::Bytes(Bytes::from(body)))
+}
+
+const WELCOME: &str = "<!DOCTYPE html>\n<html><head><title>zerocopy-server</title></head>\n<body><h1>zerocopy-server is running</h1>\n<p>This is the built-in default configuration. Write a <code>config.toml</code> and run <code>zerocopy-server -c config.toml</code>.</p>\n<p>Metrics: <a href=\"/__metrics\">/__metrics</a></p></body></html>\n";
+
+fn welcome(req: &Request) -> Response {
+    if req.path() != "/" {
+        return Response::error(404);
+    }
+    let head = ResponseHead::new(200).header("Content-Type", "text/html; charset=utf-8");
+    Response::new(head, Body::Bytes(Bytes::from_static(WELCOME.as_bytes())))
+}
+
+pub fn metrics(region: &crate::shared::shm::Region) -> Response {
+    let text = crate::shared::metrics::render(region);
+    let head =
+        ResponseHead::new(200).header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
+    Response::new(head, Body::Bytes(Bytes::from(text)))
+}

@@ -1,0 +1,233 @@
+//! Writing responses. File bodies on plain TCP go from the page cache to the socket with
+//! `sendfile(2)`: their bytes never pass through user space.
+
+use super::http::{self, ResponseHead};
+use bytes::Bytes;
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// A client that takes no data for this long is dropped (nginx's `send_timeout`).
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bodies up to this size go out in the same write as the head.
+const INLINE_BODY: usize = 16 * 1024;
+
+/// What a response carries after its head.
+pub enum Body {
+    Empty,
+    Bytes(Bytes),
+    /// `len` bytes of `file` from `offset`.
+    File {
+        file: std::fs::File,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Body {
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Empty => 0,
+            Body::Bytes(b) => b.len() as u64,
+            Body::File { len, .. } => *len,
+        }
+    }
+}
+
+pub struct Response {
+    pub head: ResponseHead,
+    pub body: Body,
+}
+
+impl Response {
+    pub fn new(head: ResponseHead, body: Body) -> Self {
+        Response { head, body }
+    }
+
+    /// An error with a short text body: `404 Not Found`.
+    pub fn error(status: u16) -> Self {
+        let head = ResponseHead::new(status).header("Content-Type", "text/plain; charset=utf-8");
+        let body = Body::Bytes(Bytes::from(format!(
+            "{} {}\n",
+            status,
+            http::reason(status)
+        )));
+        Response { head, body }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.head.status
+    }
+
+    /// HEAD: the headers GET would send, no body.
+    pub fn strip_body(&mut self) {
+        if !self.has_content_length() && self.sends_length() {
+            let len = self.body.len();
+            self.head.set("Content-Length", len.to_string());
+        }
+        self.body = Body::Empty;
+    }
+
+    fn has_content_length(&self) -> bool {
+        self.head
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    }
+
+    /// 1xx, 204 and 304 carry no Content-Length of a body.
+    fn sends_length(&self) -> bool {
+        !matches!(self.head.status, 100..=199 | 204 | 304)
+    }
+}
+
+/// Writes the response; returns the body bytes sent. `keep`: whether the connection stays
+/// open after it (otherwise `Connection: close` is sent).
+pub async fn send(stream: &mut TcpStream, mut r: Response, keep: bool) -> std::io::Result<u64> {
+    if !r.has_content_length() && r.sends_length() {
+        let len = r.body.len();
+        r.head.set("Content-Length", len.to_string());
+    }
+    if !keep {
+        r.head.set("Connection", "close");
+    }
+    let mut out = r.head.encode();
+    match r.body {
+        Body::Empty => write_all(stream, out).await.map(|_| 0),
+        Body::Bytes(b) if b.len() <= INLINE_BODY => {
+            out.extend_from_slice(&b);
+            write_all(stream, out).await.map(|_| b.len() as u64)
+        }
+        Body::Bytes(b) => {
+            write_all(stream, out).await?;
+            let n = b.len() as u64;
+            timed(stream.write_all(b)).await?;
+            Ok(n)
+        }
+        Body::File { file, offset, len } => sendfile::send(stream, &out, &file, offset, len).await,
+    }
+}
+
+async fn write_all(stream: &mut TcpStream, buf: Vec<u8>) -> std::io::Result<()> {
+    timed(stream.write_all(buf)).await
+}
+
+async fn timed<T>(
+    op: impl std::future::Future<Output = (std::io::Result<usize>, T)>,
+) -> std::io::Result<()> {
+    match monoio::time::timeout(SEND_TIMEOUT, op).await {
+        Ok((res, _)) => res.map(|_| ()),
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// `100 Continue`, before reading a body the client holds back.
+pub async fn send_continue(stream: &mut TcpStream) -> std::io::Result<()> {
+    write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await
+}
+
+mod sendfile {
+    //! The socket is switched to non-blocking for the length of one file response, so that
+    //! `send` and `sendfile` return at once, and io_uring's poll waits for room. No other
+    //! operation runs on the socket meanwhile: its connection task is here.
+
+    use super::*;
+
+    struct NonBlocking(i32);
+
+    impl NonBlocking {
+        fn set(fd: i32) -> std::io::Result<Self> {
+            set_flag(fd, true)?;
+            Ok(NonBlocking(fd))
+        }
+    }
+
+    impl Drop for NonBlocking {
+        fn drop(&mut self) {
+            let _ = set_flag(self.0, false);
+        }
+    }
+
+    fn set_flag(fd: i32, on: bool) -> std::io::Result<()> {
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let new = if on {
+            flags | libc::O_NONBLOCK
+        } else {
+            flags & !libc::O_NONBLOCK
+        };
+        if new != flags && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    async fn wait_writable(stream: &TcpStream) -> std::io::Result<()> {
+        match monoio::time::timeout(SEND_TIMEOUT, stream.writable(false)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Retries `op` (a non-blocking syscall returning bytes or -1) until it makes progress.
+    async fn progress(stream: &TcpStream, mut op: impl FnMut() -> isize) -> std::io::Result<usize> {
+        loop {
+            let n = op();
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => wait_writable(stream).await?,
+                std::io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    pub async fn send(
+        stream: &mut TcpStream,
+        head: &[u8],
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<u64> {
+        let sock = stream.as_raw_fd();
+        let _mode = NonBlocking::set(sock)?;
+        let mut sent = 0;
+        while sent < head.len() {
+            let rest = &head[sent..];
+            // MSG_MORE: the head and the first file bytes leave in one segment.
+            let flags = libc::MSG_NOSIGNAL | if len > 0 { libc::MSG_MORE } else { 0 };
+            sent += progress(stream, || unsafe {
+                libc::send(
+                    sock,
+                    rest.as_ptr() as *const libc::c_void,
+                    rest.len(),
+                    flags,
+                )
+            })
+            .await?;
+        }
+        let mut off = offset as libc::off_t;
+        let end = offset + len;
+        while (off as u64) < end {
+            let want = (end - off as u64).min(1 << 30) as usize;
+            let n = progress(stream, || unsafe {
+                libc::sendfile(sock, file.as_raw_fd(), &mut off, want)
+            })
+            .await?;
+            if n == 0 {
+                // The file shrank under us: end the connection rather than pad or hang.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while being sent",
+                ));
+            }
+        }
+        Ok(len)
+    }
+}
