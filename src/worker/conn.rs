@@ -21,6 +21,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 struct Conn {
     stream: TcpStream,
+    /// An error was answered and the client may still be sending: close gently.
+    linger: bool,
     /// Bytes read and not yet used: the head being read, then what follows it.
     buf: Vec<u8>,
     peer: SocketAddr,
@@ -45,6 +47,7 @@ enum Head {
 pub async fn serve(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
     let mut conn = Conn {
         stream,
+        linger: false,
         buf: Vec::with_capacity(HEAD_BUF),
         peer,
     };
@@ -63,6 +66,9 @@ pub async fn serve(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
             }
         };
         if !keep {
+            if conn.linger {
+                linger(&mut conn).await;
+            }
             return;
         }
         // An idle connection keeps no large buffer.
@@ -160,10 +166,15 @@ async fn exchange(ctx: &Ctx, conn: &mut Conn, incoming: Incoming) -> bool {
             return finish(ctx, conn, Response::error(status), false, None, meta).await;
         }
     };
+    let keep = req.wants_keep_alive() && !ctx.draining.get();
+    if req.target == "*" {
+        // `OPTIONS *` (the only method `check` lets through with it): the server is here.
+        let r = Response::new(http::ResponseHead::new(204), respond::Body::Empty);
+        return respond_after_body(ctx, conn, &req, framing, r, keep, None, meta).await;
+    }
     let Ok(path) = http::normalize_path(req.path()) else {
         return finish(ctx, conn, Response::error(400), false, None, meta).await;
     };
-    let keep = req.wants_keep_alive() && !ctx.draining.get();
     if path == "/__metrics" {
         let r = handlers::metrics(ctx.region);
         return respond_after_body(ctx, conn, &req, framing, r, keep, None, meta).await;
@@ -291,6 +302,7 @@ async fn finish(
     }
     let status = r.status();
     let sent = respond::send(&mut conn.stream, r, keep).await;
+    conn.linger = status >= 400 && sent.is_ok();
     ctx.recorder.record(&Outcome {
         method: &meta.method,
         host: &meta.host,
@@ -300,4 +312,33 @@ async fn finish(
         response_bytes: *sent.as_ref().unwrap_or(&0),
     });
     sent.is_ok() && keep
+}
+
+/// How long a closing connection may keep sending, and may pause, before it is cut.
+const LINGER_TOTAL: Duration = Duration::from_secs(5);
+const LINGER_IDLE: Duration = Duration::from_secs(2);
+
+/// After an error answer the client may still be sending (a body that was refused unread).
+/// Closing at once would make the kernel answer its data with a reset, which can destroy the
+/// response before the client reads it. So, like nginx's lingering close: stop writing, then
+/// read and drop what still comes, for a bounded time.
+async fn linger(conn: &mut Conn) {
+    use std::os::fd::AsRawFd;
+    unsafe { libc::shutdown(conn.stream.as_raw_fd(), libc::SHUT_WR) };
+    let deadline = Instant::now() + LINGER_TOTAL;
+    let mut buf = std::mem::take(&mut conn.buf);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        buf.clear();
+        buf.reserve(HEAD_BUF);
+        let cap = buf.capacity();
+        let read = conn.stream.read(buf.slice_mut(0..cap));
+        match monoio::time::timeout(left.min(LINGER_IDLE), read).await {
+            Ok((Ok(n), back)) if n > 0 => buf = back.into_inner(),
+            _ => return,
+        }
+    }
 }
