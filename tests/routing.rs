@@ -173,6 +173,9 @@ fn spec_routing_and_file_tables() {
         ("whole.test", "/css/style.css", 200, "body{}\n"),
         ("WHOLE.test", "/", 200, "assets index\n"),
         ("example.com", "/static/missing.css", 404, ""),
+        // A directory without its index: 404, never a listing.
+        ("example.com", "/static/css/", 404, ""),
+        ("example.com", "/static/css", 404, ""),
         ("example.com", "/static/escape.txt", 404, ""),
         // Dot-segments resolve before routing: this is `/secret.txt`, not under /static/.
         ("example.com", "/static/../secret.txt", 404, ""),

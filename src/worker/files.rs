@@ -8,14 +8,19 @@
 //! path, else 404.
 
 use super::http::{self, Request};
-use super::router::FileRoute;
+use super::router::{Cached, FileRoute};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-pub enum Resolved {
+pub enum Resolved<'a> {
     File {
         path: PathBuf,
         meta: std::fs::Metadata,
+    },
+    /// A file of a memory route, as read when the generation started.
+    Cached {
+        path: PathBuf,
+        file: &'a Cached,
     },
     NotFound,
     BadRequest,
@@ -23,15 +28,18 @@ pub enum Resolved {
 
 /// `rest`: the normalized path after the route's prefix. `exact`: the request path is the
 /// prefix itself, which is all an exact-file route answers (`/robots.txt/extra` is 404).
-pub fn resolve(route: &FileRoute, rest: &str, exact: bool) -> Resolved {
+pub fn resolve<'a>(route: &'a FileRoute, rest: &str, exact: bool) -> Resolved<'a> {
     if !route.is_dir {
-        return if exact {
-            found(route.root.clone(), &route.root)
-        } else {
-            Resolved::NotFound
-        };
+        if !exact {
+            return Resolved::NotFound;
+        }
+        if let Some(file) = route.cache.get(&route.root_canon) {
+            let path = route.root_canon.clone();
+            return Resolved::Cached { path, file };
+        }
+        return found(route.root.clone(), &route.root_canon);
     }
-    let mut path = route.root.clone();
+    let mut path = route.root_canon.clone();
     for seg in rest.split('/').filter(|s| !s.is_empty()) {
         // Normalization removed these; refusing them again costs nothing.
         if seg == "." || seg == ".." || seg.contains(['\\', '\0']) {
@@ -39,17 +47,26 @@ pub fn resolve(route: &FileRoute, rest: &str, exact: bool) -> Resolved {
         }
         path.push(seg);
     }
+    if !route.cache.is_empty() {
+        // A memory route: what was read at start; anything else (past the route's memory
+        // budget, or new since) comes from disk like a sendfile route's.
+        for key in [path.clone(), path.join(&route.index)] {
+            if let Some(file) = route.cache.get(&key) {
+                return Resolved::Cached { path: key, file };
+            }
+        }
+    }
     if path.is_dir() {
         path.push(&route.index);
     }
-    found(path, &route.root)
+    found(path, &route.root_canon)
 }
 
-fn found(path: PathBuf, root: &Path) -> Resolved {
-    let (Ok(real), Ok(real_root)) = (path.canonicalize(), root.canonicalize()) else {
+fn found(path: PathBuf, real_root: &Path) -> Resolved<'static> {
+    let Ok(real) = path.canonicalize() else {
         return Resolved::NotFound;
     };
-    if !real.starts_with(&real_root) {
+    if !real.starts_with(real_root) {
         return Resolved::NotFound;
     }
     match std::fs::metadata(&real) {

@@ -44,8 +44,9 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         r.head.set("Allow", "GET, HEAD");
         return r;
     }
-    let (path, meta) = match files::resolve(route, &m.rest, m.exact) {
-        Resolved::File { path, meta } => (path, meta),
+    let (path, meta, cached) = match files::resolve(route, &m.rest, m.exact) {
+        Resolved::File { path, meta } => (path, meta, None),
+        Resolved::Cached { path, file } => (path, file.meta.clone(), Some(&file.bytes)),
         Resolved::NotFound => return Response::error(404),
         Resolved::BadRequest => return Response::error(400),
     };
@@ -74,7 +75,7 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
             return r;
         }
     };
-    if let Some(bytes) = route.cache.get(&path) {
+    if let Some(bytes) = cached {
         // A memory route answers from what it read at start, even if the file changed since.
         let end = (start + count).min(bytes.len() as u64) as usize;
         let body = bytes.slice(start as usize..end);

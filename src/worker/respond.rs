@@ -12,6 +12,8 @@ use std::time::Duration;
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bodies up to this size go out in the same write as the head.
 const INLINE_BODY: usize = 16 * 1024;
+/// In-memory bodies are written in slices of at most this size.
+const BYTES_SLICE: usize = 64 * 1024 * 1024;
 
 /// What a response carries after its head.
 pub enum Body {
@@ -101,9 +103,12 @@ pub async fn send(stream: &mut TcpStream, mut r: Response, keep: bool) -> std::i
         }
         Body::Bytes(b) => {
             write_all(stream, out).await?;
-            let n = b.len() as u64;
-            timed(stream.write_all(b)).await?;
-            Ok(n)
+            // One write may not pass 2 GiB (io_uring refuses it): go in slices.
+            for at in (0..b.len()).step_by(BYTES_SLICE) {
+                let end = (at + BYTES_SLICE).min(b.len());
+                timed(stream.write_all(b.slice(at..end))).await?;
+            }
+            Ok(b.len() as u64)
         }
         Body::File { file, offset, len } => sendfile::send(stream, &out, &file, offset, len).await,
     }

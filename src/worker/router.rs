@@ -37,10 +37,18 @@ pub enum Handler {
 
 pub struct FileRoute {
     pub root: PathBuf,
+    /// `root` with its symlinks resolved: what every file served must lie under.
+    pub root_canon: PathBuf,
     pub is_dir: bool,
     pub index: String,
-    /// `mode = "memory"`: file contents by resolved path, read when the generation starts.
-    pub cache: HashMap<PathBuf, Bytes>,
+    /// `mode = "memory"`: files by resolved path, read when the generation starts.
+    pub cache: HashMap<PathBuf, Cached>,
+}
+
+/// A file of a memory route: its bytes and its metadata, both as they were when read.
+pub struct Cached {
+    pub bytes: Bytes,
+    pub meta: std::fs::Metadata,
 }
 
 pub struct RedirectRoute {
@@ -188,9 +196,13 @@ fn handler(route: &Route) -> Result<Handler, String> {
             } else {
                 HashMap::new()
             };
+            let root_canon = root
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", root.display()))?;
             Handler::File(FileRoute {
                 is_dir: meta.is_dir(),
                 root,
+                root_canon,
                 index: route.index.clone().unwrap_or_else(|| "index.html".into()),
                 cache,
             })
@@ -204,11 +216,11 @@ fn handler(route: &Route) -> Result<Handler, String> {
     })
 }
 
-/// Total bytes one `memory` route may hold; files past it are served from disk.
+/// Total bytes one `memory` directory route may hold; files past it are served from disk.
 const MEMORY_ROUTE_MAX: u64 = 256 * 1024 * 1024;
 
 /// Reads a `memory` route's file, or every file under its directory, keyed by resolved path.
-fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
+fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
     let mut cache = HashMap::new();
     let mut total = 0u64;
     let root = root
@@ -231,7 +243,9 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
                 }
             }
         } else if meta.is_file() {
-            if total + meta.len() > MEMORY_ROUTE_MAX {
+            // A single-file route holds its file whatever its size: that is what it asks for.
+            let single = path == root;
+            if !single && total + meta.len() > MEMORY_ROUTE_MAX {
                 log::warn!(
                     "{}: memory route over {} MiB; served from disk",
                     path.display(),
@@ -241,7 +255,8 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Bytes>, String> {
             }
             let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             total += data.len() as u64;
-            cache.insert(path, Bytes::from(data));
+            let bytes = Bytes::from(data);
+            cache.insert(path, Cached { bytes, meta });
         }
     }
     Ok(cache)
