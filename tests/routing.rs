@@ -276,8 +276,8 @@ fn route_security_and_response_headers() {
     let mut text = String::new();
     c.read_to_string(&mut text).unwrap();
     assert_eq!(parse_response(&text).0, 403);
-    // Proxy routes are not built yet: a clear 501, not a silent failure.
-    assert_eq!(request(&s, "GET", "example.com", "/api/v1").0, 501);
+    // A proxy route whose backend refuses the connection: 502.
+    assert_eq!(request(&s, "GET", "example.com", "/api/v1").0, 502);
 }
 
 #[test]

@@ -93,6 +93,14 @@ impl Generations {
                 log::warn!("host `{host}` is counted as `other` in metrics (host table full)");
             }
         }
+        for (name, up) in &config.upstreams {
+            for s in &up.servers {
+                let key = crate::shared::config::backend_key(name, s.url());
+                if self.env.region.header.register_backend(&key).is_none() {
+                    log::warn!("upstream `{name}`: {} is not tracked in shared memory (table full); least_conn and health checks ignore it", s.url());
+                }
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
         let count = self.env.groups[0].sockets.len();

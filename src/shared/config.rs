@@ -206,6 +206,10 @@ pub struct Route {
     pub upstream: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni_name: Option<String>,
+    /// PEM file of CA certificates that an `https://` backend's certificate may chain to,
+    /// besides the system roots (for private backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     // Redirect
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect_url: Option<String>,
@@ -319,6 +323,9 @@ pub struct Upstream {
     pub servers: Vec<UpstreamServer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// As a Proxy route's `ca_file`, for every `https://` server of the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 /// A server of an upstream: `"https://host:443"` or `{ url = "...", sni_name = "..." }`.
@@ -377,4 +384,9 @@ fn two_u32() -> u32 {
 }
 fn healthy_statuses() -> Vec<u16> {
     vec![200, 201, 202, 204, 301, 302, 304]
+}
+
+/// The shared-memory key of an upstream's server: `upstream|url`.
+pub fn backend_key(upstream: &str, url: &str) -> String {
+    format!("{upstream}|{url}")
 }

@@ -22,7 +22,7 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
 
 pub const MAX_SLOTS: usize = 256;
@@ -30,6 +30,9 @@ pub const MAX_SLOTS: usize = 256;
 pub const MAX_HOSTS: usize = 256;
 pub const HOST_NAME_LEN: usize = 120;
 const REQ_ENTRIES: usize = 1024;
+/// Servers of all upstreams, over the server's life (append-only, like the host table).
+pub const MAX_BACKENDS: usize = 256;
+pub const BACKEND_KEY_LEN: usize = 248;
 const DUR_ENTRIES: usize = 256;
 
 /// Request-duration buckets, seconds (Prometheus' defaults).
@@ -66,6 +69,21 @@ pub struct Header {
     pub restarts: AtomicU64,
     host_count: AtomicU64,
     hosts: [HostName; MAX_HOSTS],
+    backend_count: AtomicU64,
+    pub backends: [Backend; MAX_BACKENDS],
+}
+
+/// One server of an upstream, keyed `upstream|url`.
+#[repr(C)]
+pub struct Backend {
+    key_len: AtomicU64,
+    key: UnsafeCell<[u8; BACKEND_KEY_LEN]>,
+    /// Written by the health process; 1 until a health check says otherwise.
+    pub unhealthy: AtomicU64,
+    /// Connections to it in use now, over all workers (least_conn).
+    pub active: AtomicI64,
+    /// Connection attempts that failed (refused, timed out), over all workers.
+    pub failures: AtomicU64,
 }
 
 /// A histogram: per-bucket counts (not cumulative), count and sum in integer units
@@ -98,6 +116,9 @@ pub struct Slot {
     pub requests: AtomicU64,
     /// Open client connections of this worker; zeroed by the master when the worker dies.
     pub connections: AtomicI64,
+    /// This worker's share of each backend's `active`: what the master takes back from the
+    /// totals when the worker dies, so that a crash leaks no connection count.
+    pub backend_active: [AtomicI64; MAX_BACKENDS],
     pub req_counts: [CountEntry; REQ_ENTRIES],
     pub durations: [HistEntry; DUR_ENTRIES],
     pub request_sizes: Hist,
@@ -202,6 +223,39 @@ impl Header {
     }
 }
 
+impl Header {
+    pub fn backend_key(&self, i: usize) -> Option<String> {
+        if i >= self.backend_count.load(Acquire) as usize {
+            return None;
+        }
+        let b = &self.backends[i];
+        let len = b.key_len.load(Acquire) as usize;
+        let bytes = unsafe { &*b.key.get() };
+        Some(String::from_utf8_lossy(&bytes[..len.min(BACKEND_KEY_LEN)]).into_owned())
+    }
+
+    pub fn find_backend(&self, key: &str) -> Option<usize> {
+        let n = self.backend_count.load(Acquire) as usize;
+        (0..n).find(|&i| self.backend_key(i).as_deref() == Some(key))
+    }
+
+    /// Adds a backend key (master only); `None` when the table is full or the key too long.
+    pub fn register_backend(&self, key: &str) -> Option<usize> {
+        if let Some(i) = self.find_backend(key) {
+            return Some(i);
+        }
+        let n = self.backend_count.load(Acquire) as usize;
+        if n >= MAX_BACKENDS || key.len() > BACKEND_KEY_LEN {
+            return None;
+        }
+        let b = &self.backends[n];
+        unsafe { (&mut *b.key.get())[..key.len()].copy_from_slice(key.as_bytes()) };
+        b.key_len.store(key.len() as u64, Release);
+        self.backend_count.store(n as u64 + 1, Release);
+        Some(n)
+    }
+}
+
 impl Region {
     /// Picks a slot for a new worker of index `worker_index` (master only): a free slot that
     /// this index used before, else one never used. Counters in it are kept, not reset.
@@ -229,6 +283,12 @@ impl Region {
     /// Returns a dead worker's slot to the pool (master only).
     pub fn release_slot(&self, slot: usize) {
         let s = &self.slots[slot];
+        for (i, own) in s.backend_active.iter().enumerate() {
+            let n = own.swap(0, Relaxed);
+            if n != 0 {
+                self.header.backends[i].active.fetch_sub(n, Relaxed);
+            }
+        }
         s.connections.store(0, Relaxed);
         s.owner_pid.store(0, Relaxed);
         s.state.store(STATE_FREE, Release);

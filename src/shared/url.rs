@@ -81,6 +81,39 @@ fn split_host_port(authority: &str, default_port: u16) -> Result<(&str, u16), St
     Ok((host, port))
 }
 
+impl BackendUrl {
+    /// The addresses of the host (a literal, or a name through the system resolver).
+    pub fn addrs(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        use std::net::ToSocketAddrs;
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<_> = (host, self.port).to_socket_addrs()?.collect();
+        if addrs.is_empty() {
+            return Err(std::io::ErrorKind::NotFound.into());
+        }
+        Ok(addrs)
+    }
+
+    /// `host[:port]`, the port only when it is not the scheme's default: the Host header.
+    pub fn authority(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The name the TLS client sends and verifies: `sni_name`, else the host.
+    pub fn server_name(&self, sni: Option<&str>) -> String {
+        sni.map(str::to_string).unwrap_or_else(|| {
+            self.host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        })
+    }
+}
+
 impl fmt::Display for BackendUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "https" } else { "http" };

@@ -402,6 +402,7 @@ fn validate_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
         (r.url.is_some(), "url"),
         (r.upstream.is_some(), "upstream"),
         (r.sni_name.is_some(), "sni_name"),
+        (r.ca_file.is_some(), "ca_file"),
     ];
     let redirect_keys = [
         (r.redirect_url.is_some(), "redirect_url"),
@@ -422,6 +423,14 @@ fn validate_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
         RouteType::Redirect => validate_redirect_route(r, key, e),
     }
     validate_route_security(&r.security, &format!("{key}.security"), e);
+}
+
+/// A backend's host name must resolve now, as nginx requires of its upstreams: workers
+/// resolve once per generation, never on the request path.
+fn check_resolves(u: &BackendUrl, key: &str, e: &mut Errors) {
+    if u.addrs().is_err() {
+        e.add(key, format!("host not found: {}", u.host));
+    }
 }
 
 fn validate_file_route(r: &Route, key: &str, e: &mut Errors) {
@@ -447,6 +456,9 @@ fn validate_file_route(r: &Route, key: &str, e: &mut Errors) {
 }
 
 fn validate_proxy_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
+    if let Some(ca) = &r.ca_file {
+        check_file(ca, &format!("{key}.ca_file"), "CA file", e);
+    }
     match (&r.url, &r.upstream) {
         (Some(_), Some(_)) => e.add(key, "a Proxy route takes `url` or `upstream`, not both"),
         (None, None) => e.add(key, "a Proxy route needs `url` or `upstream`"),
@@ -455,6 +467,10 @@ fn validate_proxy_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
                 if r.sni_name.is_some() && !u.tls {
                     e.add(format!("{key}.sni_name"), "applies only to an https:// url");
                 }
+                if r.ca_file.is_some() && !u.tls {
+                    e.add(format!("{key}.ca_file"), "applies only to an https:// url");
+                }
+                check_resolves(&u, &format!("{key}.url"), e);
             }
             Err(why) => e.add(
                 format!("{key}.url"),
@@ -472,6 +488,12 @@ fn validate_proxy_route(c: &Config, r: &Route, key: &str, e: &mut Errors) {
                 e.add(
                     format!("{key}.sni_name"),
                     "set sni_name on the upstream's servers, not on a route that uses `upstream`",
+                );
+            }
+            if r.ca_file.is_some() {
+                e.add(
+                    format!("{key}.ca_file"),
+                    "set ca_file on the upstream, not on a route that uses `upstream`",
                 );
             }
         }
@@ -612,9 +634,13 @@ fn validate_upstream(u: &Upstream, key: &str, e: &mut Errors) {
             "an upstream needs at least one server",
         );
     }
+    if let Some(ca) = &u.ca_file {
+        check_file(ca, &format!("{key}.ca_file"), "CA file", e);
+    }
     for s in &u.servers {
         match BackendUrl::parse(s.url()) {
             Ok(parsed) => {
+                check_resolves(&parsed, &format!("{key}.servers"), e);
                 if let UpstreamServer::Detailed(d) = s {
                     if d.sni_name.is_some() && !parsed.tls {
                         e.add(

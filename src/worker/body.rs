@@ -64,9 +64,9 @@ impl BodyReader {
     /// Puts the next piece of body into `out` (cleared first). `Ok(false)`: the body is
     /// complete and `out` is empty. `buf` holds bytes read past the head; what is left of it
     /// afterwards belongs to the next request.
-    pub async fn next(
+    pub async fn next<S: AsyncReadRent>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         buf: &mut Vec<u8>,
         out: &mut Vec<u8>,
     ) -> Result<bool, BodyError> {
@@ -122,9 +122,9 @@ impl BodyReader {
         Ok(())
     }
 
-    async fn read<T: IoBufMut>(
+    async fn read<S: AsyncReadRent, T: IoBufMut>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         into: T,
     ) -> Result<(usize, T), BodyError> {
         match monoio::time::timeout(self.timeout, stream.read(into)).await {

@@ -5,8 +5,10 @@
 use super::body::{self, BodyReader};
 use super::handlers;
 use super::http::{self, Framing, Parse, Request};
+use super::proxy::tunnel::{self, TunnelParts};
 use super::recorder::Outcome;
 use super::respond::{self, Response};
+use super::router::{Handler, RouteEntry};
 use super::server::Ctx;
 use crate::shared::config::RouteSecurity;
 use monoio::buf::IoBufMut;
@@ -19,13 +21,15 @@ const HEAD_BUF: usize = 4096;
 /// While draining, how long a just-accepted connection may take to send its request.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-struct Conn {
-    stream: TcpStream,
+pub struct Conn {
+    pub stream: TcpStream,
     /// An error was answered and the client may still be sending: close gently.
-    linger: bool,
+    pub linger: bool,
     /// Bytes read and not yet used: the head being read, then what follows it.
-    buf: Vec<u8>,
-    peer: SocketAddr,
+    pub buf: Vec<u8>,
+    pub peer: SocketAddr,
+    /// Set when a WebSocket upgrade succeeded: the connection becomes a tunnel.
+    pub tunnel: Option<TunnelParts>,
 }
 
 /// A request head and how it arrived.
@@ -50,6 +54,7 @@ pub async fn serve(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
         linger: false,
         buf: Vec::with_capacity(HEAD_BUF),
         peer,
+        tunnel: None,
     };
     let mut fresh = true;
     loop {
@@ -65,6 +70,10 @@ pub async fn serve(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
                 false
             }
         };
+        if let Some(parts) = conn.tunnel.take() {
+            let early = std::mem::take(&mut conn.buf);
+            return tunnel::run(ctx, conn.stream, early, parts).await;
+        }
         if !keep {
             if conn.linger {
                 linger(&mut conn).await;
@@ -207,8 +216,13 @@ async fn exchange(ctx: &Ctx, conn: &mut Conn, incoming: Incoming) -> bool {
             return finish(ctx, conn, Response::error(413), false, Some(sec), meta).await;
         }
     }
-    let r =
-        handlers::refuse(&req, m.route, conn.peer).unwrap_or_else(|| handlers::handle(&req, &m));
+    if let Some(r) = handlers::refuse(&req, m.route, conn.peer) {
+        return respond_after_body(ctx, conn, &req, framing, r, keep, Some(sec), meta).await;
+    }
+    if let Handler::Proxy(p) = &m.route.handler {
+        return super::proxy::forward(ctx, conn, &req, &m, p, framing, keep, meta).await;
+    }
+    let r = handlers::handle(&req, &m);
     respond_after_body(ctx, conn, &req, framing, r, keep, Some(sec), meta).await
 }
 
@@ -258,11 +272,11 @@ async fn respond_after_body(
 }
 
 /// What the metrics need to know of a request.
-struct Meta {
-    method: String,
-    host: String,
-    started: Instant,
-    request_bytes: u64,
+pub struct Meta {
+    pub method: String,
+    pub host: String,
+    pub started: Instant,
+    pub request_bytes: u64,
 }
 
 impl Meta {
@@ -290,12 +304,7 @@ async fn finish(
     let keep = keep && !matches!(r.status(), 400 | 408 | 413 | 414 | 431 | 500..);
     r.head = std::mem::replace(&mut r.head, http::ResponseHead::new(0)).with_defaults();
     if let Some(sec) = sec {
-        for name in &sec.remove_response_headers {
-            r.head.remove(name);
-        }
-        for (name, value) in &sec.add_response_headers {
-            r.head.set(name, value.clone());
-        }
+        apply_route_headers(&mut r.head, sec);
     }
     if meta.method == "HEAD" {
         r.strip_body();
@@ -312,6 +321,28 @@ async fn finish(
         response_bytes: *sent.as_ref().unwrap_or(&0),
     });
     sent.is_ok() && keep
+}
+
+/// An error decided outside this module (the proxy's 502/503/504): sent with the route's
+/// header changes, recorded, and the connection closed.
+pub async fn finish_error(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    r: Response,
+    route: &RouteEntry,
+    meta: Meta,
+) -> bool {
+    finish(ctx, conn, r, false, Some(&route.security), meta).await
+}
+
+/// The route's `remove_response_headers`, then `add_response_headers` (which replace).
+pub fn apply_route_headers(head: &mut http::ResponseHead, sec: &RouteSecurity) {
+    for name in &sec.remove_response_headers {
+        head.remove(name);
+    }
+    for (name, value) in &sec.add_response_headers {
+        head.set(name, value.clone());
+    }
 }
 
 /// How long a closing connection may keep sending, and may pause, before it is cut.

@@ -34,7 +34,8 @@ pub fn handle(req: &Request, m: &Matched) -> Response {
         Handler::File(f) => serve_file(req, f, m),
         Handler::Redirect(r) => redirect(req, r, &m.rest),
         Handler::Welcome => welcome(req),
-        Handler::Proxy => Response::error(501),
+        // Proxied before reaching here (`proxy::forward`).
+        Handler::Proxy(_) => Response::error(500),
     }
 }
 

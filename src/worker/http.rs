@@ -182,6 +182,15 @@ impl Request {
         Ok(value)
     }
 
+    /// The Host as the client sent it (with its port): the `$host` of the spec.
+    pub fn raw_host(&self) -> String {
+        if let (Some(i), false) = (self.target.find("://"), self.target.starts_with('/')) {
+            let after = &self.target[i + 3..];
+            return after.split(['/', '?']).next().unwrap_or("").to_string();
+        }
+        String::from_utf8_lossy(self.header("host").unwrap_or_default()).into_owned()
+    }
+
     pub fn expects_continue(&self) -> bool {
         self.header("expect").is_some()
     }
@@ -345,6 +354,8 @@ pub fn reason(status: u16) -> &'static str {
 /// A response head under construction.
 pub struct ResponseHead {
     pub status: u16,
+    /// The reason phrase to send, when not the standard one (a backend's own).
+    pub reason: Option<String>,
     pub headers: Vec<(String, String)>,
 }
 
@@ -352,6 +363,7 @@ impl ResponseHead {
     pub fn new(status: u16) -> Self {
         ResponseHead {
             status,
+            reason: None,
             headers: Vec::with_capacity(8),
         }
     }
@@ -382,7 +394,11 @@ impl ResponseHead {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut s = String::with_capacity(256);
-        let _ = write!(s, "HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
+        let phrase = self
+            .reason
+            .as_deref()
+            .unwrap_or_else(|| reason(self.status));
+        let _ = write!(s, "HTTP/1.1 {} {}\r\n", self.status, phrase);
         for (n, v) in &self.headers {
             let _ = write!(s, "{n}: {v}\r\n");
         }

@@ -8,6 +8,7 @@ mod conn;
 mod files;
 mod handlers;
 mod http;
+mod proxy;
 mod recorder;
 mod respond;
 mod router;
@@ -51,7 +52,7 @@ fn serve(start: WorkerStart) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot build the runtime: {e}"))?;
     let config: &Config = &start.config;
-    let router = router::Router::build(config, start.builtin)
+    let router = router::Router::build(config, start.builtin, start.shm)
         .map_err(|e| format!("cannot build the routes: {e}"))?;
     let log_output = shared::log::open_output(&config.logging)
         .map_err(|e| format!("cannot open the log file: {e}"))?;
@@ -107,25 +108,16 @@ fn log_inactive_keys(c: &Config, index: usize) {
     if c.logging.file_path.is_some() && c.logging.max_log_size != 0 {
         notes.push("logging.max_log_size (use logrotate)".into());
     }
-    let routes = c
+    let limits = c
         .host_routes
         .values()
-        .chain(c.path_routes.values().flat_map(|p| p.values()));
-    let mut proxy = false;
-    let mut limits = false;
-    for r in routes {
-        proxy |= r.kind == crate::shared::config::RouteType::Proxy;
-        let s = &r.security;
-        limits |= s.rate_limit_requests_per_min != 0;
-    }
-    if proxy {
-        notes.push("Proxy routes (answer 501 until the reverse proxy lands)".into());
-    }
+        .chain(c.path_routes.values().flat_map(|p| p.values()))
+        .any(|r| r.security.rate_limit_requests_per_min != 0);
     if limits {
         notes.push("security.rate_limit_requests_per_min".into());
     }
-    if !c.upstreams.is_empty() {
-        notes.push("[upstreams] (load balancing, health checks)".into());
+    if c.upstreams.values().any(|u| u.health_check.is_some()) {
+        notes.push("[upstreams.*.health_check] (servers count as healthy)".into());
     }
     for n in notes {
         log::warn!("not active yet: {n}");

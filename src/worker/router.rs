@@ -8,7 +8,11 @@
 //! not `/px`; the part after the prefix (`rest`, starting with `/` or empty) goes to the
 //! handler.
 
-use crate::shared::config::{Config, FileMode, Route, RouteSecurity, RouteType};
+use super::proxy::backend::Target;
+use super::proxy::upstream::Upstream;
+use super::proxy::ProxyRoute;
+use crate::shared::config::{backend_key, Config, FileMode, Route, RouteSecurity, RouteType};
+use crate::shared::shm::Region;
 use bytes::Bytes;
 use ipnet::IpNet;
 use std::collections::HashMap;
@@ -29,8 +33,7 @@ pub struct RouteEntry {
 pub enum Handler {
     File(FileRoute),
     Redirect(RedirectRoute),
-    /// Proxy routes are validated; forwarding arrives with the reverse-proxy work.
-    Proxy,
+    Proxy(ProxyRoute),
     /// The built-in welcome page.
     Welcome,
 }
@@ -76,7 +79,9 @@ pub struct Matched<'a> {
 }
 
 impl Router {
-    pub fn build(config: &Config, builtin: bool) -> Result<Router, String> {
+    pub fn build(config: &Config, builtin: bool, region: &Region) -> Result<Router, String> {
+        let upstreams = build_upstreams(config, region)?;
+        let handler = |route: &Route, name: &str| handler(route, name, &upstreams);
         let mut hosts = HashMap::new();
         let mut wildcard = None;
         if builtin {
@@ -92,7 +97,7 @@ impl Router {
             let e = Rc::new(entry(
                 format!("host_routes.{host}"),
                 "",
-                handler(route)?,
+                handler(route, host)?,
                 route,
             ));
             insert(&mut hosts, &mut wildcard, host, HostRoutes::Whole(e));
@@ -107,7 +112,7 @@ impl Router {
                 let e = Rc::new(entry(
                     format!("path_routes.{host}.{prefix}"),
                     prefix,
-                    handler(route)?,
+                    handler(route, prefix)?,
                     route,
                 ));
                 let base = escape(prefix.trim_end_matches('/'));
@@ -185,7 +190,39 @@ fn entry(name: String, prefix: &str, handler: Handler, route: &Route) -> RouteEn
     }
 }
 
-fn handler(route: &Route) -> Result<Handler, String> {
+/// Every upstream, its servers resolved, shared by the routes that name it.
+fn build_upstreams(
+    config: &Config,
+    region: &Region,
+) -> Result<HashMap<String, Rc<Upstream>>, String> {
+    let mut out = HashMap::new();
+    for (name, up) in &config.upstreams {
+        let mut servers = Vec::new();
+        for s in &up.servers {
+            let (url, sni) = match s {
+                crate::shared::config::UpstreamServer::Url(u) => (u.as_str(), None),
+                crate::shared::config::UpstreamServer::Detailed(d) => {
+                    (d.url.as_str(), d.sni_name.as_deref())
+                }
+            };
+            let backend = region.header.find_backend(&backend_key(name, url));
+            let target = Target::new(url, sni, up.ca_file.as_deref(), backend)
+                .map_err(|e| format!("upstream `{name}`: {e}"))?;
+            servers.push(Rc::new(target));
+        }
+        out.insert(
+            name.clone(),
+            Rc::new(Upstream::new(name.clone(), up.algorithm, servers)),
+        );
+    }
+    Ok(out)
+}
+
+fn handler(
+    route: &Route,
+    name: &str,
+    upstreams: &HashMap<String, Rc<Upstream>>,
+) -> Result<Handler, String> {
     Ok(match route.kind {
         RouteType::File => {
             let root = PathBuf::from(route.path.clone().unwrap_or_default());
@@ -212,7 +249,32 @@ fn handler(route: &Route) -> Result<Handler, String> {
             status: route.redirect_status.unwrap_or(301),
             preserve_path: route.preserve_path.unwrap_or(false),
         }),
-        RouteType::Proxy => Handler::Proxy,
+        RouteType::Proxy => {
+            let upstream = match (&route.upstream, &route.url) {
+                (Some(u), _) => upstreams
+                    .get(u)
+                    .cloned()
+                    .ok_or_else(|| format!("upstream `{u}` not found"))?,
+                (None, Some(url)) => {
+                    let target = Target::new(
+                        url,
+                        route.sni_name.as_deref(),
+                        route.ca_file.as_deref(),
+                        None,
+                    )?;
+                    let algorithm = crate::shared::config::Algorithm::RoundRobin;
+                    Rc::new(Upstream::new(
+                        name.to_string(),
+                        algorithm,
+                        vec![Rc::new(target)],
+                    ))
+                }
+                (None, None) => {
+                    return Err(format!("{name}: a Proxy route needs `url` or `upstream`"))
+                }
+            };
+            Handler::Proxy(ProxyRoute { upstream })
+        }
     })
 }
 

@@ -33,6 +33,8 @@ pub struct Ctx {
     pub head_timeout: Duration,
     /// Reusable 64 KiB buffers for bodies; an idle connection holds none.
     pool: RefCell<Vec<Vec<u8>>>,
+    /// Idle keep-alive connections to backends.
+    pub backends: super::proxy::backend::Pool,
 }
 
 pub const BODY_BUF: usize = 64 * 1024;
@@ -53,6 +55,7 @@ impl Ctx {
             keepalive: Duration::from_secs(start.config.server.keepalive_timeout_secs),
             head_timeout: Duration::from_secs(start.config.server.client_header_timeout_secs),
             pool: RefCell::new(Vec::new()),
+            backends: Default::default(),
         }
     }
 
@@ -109,6 +112,7 @@ pub async fn run(
             super::exit(super::EXIT_STARTUP_FAILED);
         }
     };
+    monoio::spawn(sweep_backend_pool(ctx.clone()));
     ctx.slot.state.store(STATE_SERVING, Release);
     log::info!(
         "serving (pid {}, generation {})",
@@ -192,4 +196,12 @@ fn max_head_size(c: &Config) -> usize {
         ))
         .max()
         .unwrap_or(8192)
+}
+
+/// Closes idle backend connections past their timeout, or closed by their backend.
+async fn sweep_backend_pool(ctx: Rc<Ctx>) {
+    loop {
+        monoio::time::sleep(Duration::from_secs(5)).await;
+        ctx.backends.sweep();
+    }
 }

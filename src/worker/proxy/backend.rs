@@ -1,0 +1,270 @@
+//! Backend servers: where they are, how to connect (plain TCP or rustls over io_uring), and a
+//! per-worker pool of idle keep-alive connections to each.
+
+use crate::shared::url::BackendUrl;
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use monoio_rustls::{ClientTlsStream, TlsConnector};
+use rustls::pki_types::ServerName;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One backend server, resolved when the generation starts.
+pub struct Target {
+    pub url: BackendUrl,
+    pub addrs: Vec<SocketAddr>,
+    pub tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Index in the shared backend table (servers of upstreams; `None` for a route's `url`).
+    pub backend: Option<usize>,
+    /// Pool key: one pool per distinct URL and TLS name.
+    pub key: String,
+}
+
+impl Target {
+    pub fn new(
+        url: &str,
+        sni: Option<&str>,
+        ca_file: Option<&str>,
+        backend: Option<usize>,
+    ) -> Result<Target, String> {
+        let url = BackendUrl::parse(url)?;
+        let addrs = url.addrs().map_err(|e| format!("{}: {e}", url.host))?;
+        let tls = if url.tls {
+            let name = url.server_name(sni);
+            let server_name = ServerName::try_from(name.clone())
+                .map_err(|e| format!("invalid TLS name `{name}`: {e}"))?;
+            Some((TlsConnector::from(client_config(ca_file)?), server_name))
+        } else {
+            None
+        };
+        let key = format!("{}#{}", url, sni.unwrap_or(""));
+        Ok(Target {
+            url,
+            addrs,
+            tls,
+            backend,
+            key,
+        })
+    }
+
+    /// `host:port`, as the health log and metrics name a server.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.url.host, self.url.port)
+    }
+}
+
+thread_local! {
+    /// One rustls client configuration per CA file (`""`: the system roots only).
+    static CLIENT_CONFIGS: RefCell<HashMap<String, Arc<rustls::ClientConfig>>> = RefCell::new(HashMap::new());
+}
+
+/// Verification against the system's roots (Mozilla's bundled list where the system has
+/// none), plus the certificates of `ca_file`.
+fn client_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let key = ca_file.unwrap_or("").to_string();
+    if let Some(c) = CLIENT_CONFIGS.with(|m| m.borrow().get(&key).cloned()) {
+        return Ok(c);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = ca_file {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("{path}: {e}"))?;
+            roots.add(cert).map_err(|e| format!("{path}: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let config = Arc::new(config);
+    CLIENT_CONFIGS.with(|m| m.borrow_mut().insert(key, config.clone()));
+    Ok(config)
+}
+
+/// A connection to a backend, plain or TLS.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<ClientTlsStream<TcpStream>>),
+}
+
+pub struct BackendConn {
+    pub stream: BackendStream,
+    /// The TCP socket under the stream, to check an idle connection without reading it.
+    fd: RawFd,
+    /// Bytes read past the last response (a misbehaving backend): such a conn is not reused.
+    pub reused: bool,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout,
+    Failed(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Timeout => f.write_str("timed out"),
+            ConnectError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+pub async fn connect(target: &Target, timeout: Duration) -> Result<BackendConn, ConnectError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = ConnectError::Failed("no address".into());
+    for addr in &target.addrs {
+        let attempt = monoio::time::timeout_at(deadline.into(), TcpStream::connect(*addr)).await;
+        let tcp = match attempt {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(Err(e)) => {
+                last = ConnectError::Failed(format!("{addr}: {e}"));
+                continue;
+            }
+            Ok(Ok(s)) => s,
+        };
+        let _ = tcp.set_nodelay(true);
+        let fd = tcp.as_raw_fd();
+        let stream = match &target.tls {
+            None => BackendStream::Plain(tcp),
+            Some((connector, name)) => {
+                let handshake = connector.connect(name.clone(), tcp);
+                match monoio::time::timeout_at(deadline.into(), handshake).await {
+                    Err(_) => return Err(ConnectError::Timeout),
+                    Ok(Err(e)) => return Err(ConnectError::Failed(format!("{addr}: TLS: {e}"))),
+                    Ok(Ok(s)) => BackendStream::Tls(Box::new(s)),
+                }
+            }
+        };
+        return Ok(BackendConn {
+            stream,
+            fd,
+            reused: false,
+        });
+    }
+    Err(last)
+}
+
+impl BackendConn {
+    /// An idle pooled connection is usable if the backend has neither closed it nor sent
+    /// anything unasked (a peek that would block).
+    fn still_open(&self) -> bool {
+        let mut b = [0u8; 1];
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                b.as_mut_ptr() as *mut libc::c_void,
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+    }
+}
+
+impl AsyncReadRent for BackendStream {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            BackendStream::Plain(s) => s.read(buf).await,
+            BackendStream::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            BackendStream::Plain(s) => s.readv(buf).await,
+            BackendStream::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl AsyncWriteRent for BackendStream {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            BackendStream::Plain(s) => s.write(buf).await,
+            BackendStream::Tls(s) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            BackendStream::Plain(s) => s.writev(buf).await,
+            BackendStream::Tls(s) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.flush().await,
+            BackendStream::Tls(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            BackendStream::Plain(s) => s.shutdown().await,
+            BackendStream::Tls(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// Idle keep-alive connections of this worker, per backend.
+#[derive(Default)]
+pub struct Pool {
+    idle: RefCell<HashMap<String, Vec<(BackendConn, Instant)>>>,
+}
+
+impl Pool {
+    /// The most recently used idle connection to `target` that is still open and not past
+    /// its idle timeout.
+    pub fn take(&self, target: &Target) -> Option<BackendConn> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&target.key)?;
+        let now = Instant::now();
+        while let Some((conn, expires)) = list.pop() {
+            if now < expires && conn.still_open() {
+                let mut conn = conn;
+                conn.reused = true;
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` for reuse for `timeout`, up to `max` idle connections to that backend.
+    pub fn put(&self, target: &Target, conn: BackendConn, max: usize, timeout: Duration) {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(target.key.clone()).or_default();
+        if list.len() < max {
+            list.push((conn, Instant::now() + timeout));
+        }
+    }
+
+    /// Closes idle connections past their timeout, or closed by the backend (run every
+    /// few seconds, so that no descriptor is held for a backend nobody asks for).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for list in self.idle.borrow_mut().values_mut() {
+            list.retain(|(conn, expires)| now < *expires && conn.still_open());
+        }
+    }
+}
+
+pub type Targets = Vec<Rc<Target>>;

@@ -1,0 +1,322 @@
+//! The backend's response: its head read and checked, then head and body relayed to the
+//! client as they arrive. The body keeps the backend's framing where the client can take it
+//! (Content-Length), and is re-chunked otherwise (chunked or close-delimited backends, to an
+//! HTTP/1.1 client); an HTTP/1.0 client gets it close-delimited.
+
+use super::backend::BackendConn;
+use super::{chunk, connection_tokens, is_hop_by_hop, BACKEND_READ_TIMEOUT};
+use crate::worker::body::BodyReader;
+use crate::worker::conn::{apply_route_headers, Conn};
+use crate::worker::http::{Framing, Request, ResponseHead};
+use crate::worker::router::RouteEntry;
+use crate::worker::server::Ctx;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+/// Largest response head accepted from a backend.
+const MAX_HEAD: usize = 64 * 1024;
+
+pub struct BackendResponse {
+    pub status: u16,
+    pub reason: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Bytes read past the head: the start of the body (or of a tunnel).
+    pub rest: Vec<u8>,
+}
+
+impl BackendResponse {
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+pub enum HeadError {
+    /// Nothing came back: the connection was dead (retry-able on a reused connection).
+    Stale,
+    Timeout,
+    Invalid,
+}
+
+pub async fn read_head(bconn: &mut BackendConn) -> Result<BackendResponse, HeadError> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut received = 0usize;
+    loop {
+        if !buf.is_empty() {
+            match parse(&buf) {
+                Parsed::Head(r, n) if (100..200).contains(&r.status) && r.status != 101 => {
+                    // 100 Continue, 103 Early Hints: interim, not relayed.
+                    buf.drain(..n);
+                    continue;
+                }
+                Parsed::Head(mut r, n) => {
+                    r.rest = buf.split_off(n);
+                    return Ok(r);
+                }
+                Parsed::Invalid => return Err(HeadError::Invalid),
+                Parsed::Partial if buf.len() >= MAX_HEAD => return Err(HeadError::Invalid),
+                Parsed::Partial => {}
+            }
+        }
+        buf.reserve(4096);
+        let (len, cap) = (buf.len(), buf.capacity());
+        let read = bconn.stream.read(buf.slice_mut(len..cap));
+        let (res, back) = match monoio::time::timeout(BACKEND_READ_TIMEOUT, read).await {
+            Ok(r) => r,
+            Err(_) => return Err(HeadError::Timeout),
+        };
+        buf = back.into_inner();
+        match res {
+            Ok(0) | Err(_) if received == 0 => return Err(HeadError::Stale),
+            Ok(0) | Err(_) => return Err(HeadError::Invalid),
+            Ok(n) => received += n,
+        }
+    }
+}
+
+enum Parsed {
+    Head(BackendResponse, usize),
+    Partial,
+    Invalid,
+}
+
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Parsed::Head(
+            BackendResponse {
+                status: resp.code.unwrap_or(502),
+                reason: resp.reason.unwrap_or("").to_string(),
+                version: resp.version.unwrap_or(1),
+                headers: resp
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), h.value.to_vec()))
+                    .collect(),
+                rest: Vec::new(),
+            },
+            n,
+        ),
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
+    }
+}
+
+/// How the backend delimits its body.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes.
+    Close,
+}
+
+pub struct RelayOutcome {
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub backend_reusable: bool,
+    pub client_keep: bool,
+}
+
+fn body_kind(req: &Request, r: &BackendResponse) -> Result<BodyKind, ()> {
+    if req.method == "HEAD" || (100..200).contains(&r.status) || r.status == 204 || r.status == 304
+    {
+        return Ok(BodyKind::None);
+    }
+    let te: Vec<String> = connection_tokens(r.headers_named("transfer-encoding"));
+    if !te.is_empty() {
+        // RFC 9112 §6.3: chunked last means chunked; any other coding, until close.
+        return Ok(if te.last().map(String::as_str) == Some("chunked") {
+            BodyKind::Chunked
+        } else {
+            BodyKind::Close
+        });
+    }
+    let mut length = None;
+    for v in r.headers_named("content-length") {
+        let s = v.trim_ascii();
+        let n: u64 = std::str::from_utf8(s)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse().ok())
+            .ok_or(())?;
+        if length.is_some_and(|l| l != n) {
+            return Err(());
+        }
+        length = Some(n);
+    }
+    Ok(length.map_or(BodyKind::Close, BodyKind::Length))
+}
+
+/// Sends the response head and body to the client. `Err(502)`: the backend's framing is
+/// unusable, and nothing was sent yet.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    req: &Request,
+    route: &RouteEntry,
+    bconn: &mut BackendConn,
+    mut r: BackendResponse,
+    keep: bool,
+    request_bytes: u64,
+) -> Result<RelayOutcome, u16> {
+    let mut outcome = RelayOutcome {
+        status: r.status,
+        request_bytes,
+        response_bytes: 0,
+        backend_reusable: false,
+        client_keep: false,
+    };
+    let Ok(kind) = body_kind(req, &r) else {
+        log::warn!("backend response with unusable framing: 502");
+        return Err(502);
+    };
+    let tokens = connection_tokens(r.headers_named("connection"));
+    let backend_keep = if r.version == 1 {
+        !tokens.iter().any(|t| t == "close")
+    } else {
+        tokens.iter().any(|t| t == "keep-alive")
+    };
+    // What the client gets: chunked for a body of unknown length, if it speaks HTTP/1.1.
+    let rechunk = matches!(kind, BodyKind::Chunked | BodyKind::Close) && req.version == 1;
+    let unknown_length = matches!(kind, BodyKind::Chunked | BodyKind::Close);
+    // An HTTP/1.0 client learns the end of such a body only from the close.
+    let client_keep = keep && (rechunk || !unknown_length);
+
+    let mut head = ResponseHead::new(r.status);
+    head.reason = Some(r.reason.clone());
+    for (name, value) in &r.headers {
+        let ours = ["content-length", "server", "date"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h));
+        if ours || is_hop_by_hop(name, &tokens) {
+            continue;
+        }
+        head.headers
+            .push((name.clone(), String::from_utf8_lossy(value).into_owned()));
+    }
+    let mut head = head.with_defaults();
+    match kind {
+        BodyKind::Length(n) => head.set("Content-Length", n.to_string()),
+        // HEAD and 304 carry the length of the representation they describe.
+        BodyKind::None => {
+            if let Some(v) = r.headers_named("content-length").next() {
+                head.set("Content-Length", String::from_utf8_lossy(v).into_owned());
+            }
+        }
+        _ if rechunk => head.set("Transfer-Encoding", "chunked"),
+        _ => {}
+    }
+    apply_route_headers(&mut head, &route.security);
+    if !client_keep {
+        head.set("Connection", "close");
+    }
+    let (res, _) = conn.stream.write_all(head.encode()).await;
+    if res.is_err() {
+        return Ok(outcome);
+    }
+
+    let copied = copy_body(ctx, conn, bconn, &mut r.rest, kind, rechunk).await;
+    match copied {
+        Ok(n) => {
+            outcome.response_bytes = n;
+            outcome.client_keep = client_keep;
+            outcome.backend_reusable = backend_keep && kind != BodyKind::Close && r.rest.is_empty();
+        }
+        Err(n) => outcome.response_bytes = n,
+    }
+    Ok(outcome)
+}
+
+/// Streams the body; `Err(bytes so far)` when either side failed, in which case the client
+/// connection is closed without completing the body, so the client sees it cut short.
+async fn copy_body(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    bconn: &mut BackendConn,
+    rest: &mut Vec<u8>,
+    kind: BodyKind,
+    rechunk: bool,
+) -> Result<u64, u64> {
+    let framing = match kind {
+        BodyKind::None => return Ok(0),
+        BodyKind::Length(n) => Framing::Length(n),
+        BodyKind::Chunked => Framing::Chunked,
+        BodyKind::Close => Framing::None,
+    };
+    let mut reader = BodyReader::new(framing, u64::MAX, BACKEND_READ_TIMEOUT);
+    let mut piece = ctx.take_buf();
+    let mut total = 0u64;
+    let result = loop {
+        let more = if kind == BodyKind::Close {
+            read_until_close(bconn, rest, &mut piece).await
+        } else {
+            reader
+                .next(&mut bconn.stream, rest, &mut piece)
+                .await
+                .map_err(|_| ())
+        };
+        match more {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(()) => break Err(()),
+        }
+        total += piece.len() as u64;
+        let out = if rechunk {
+            chunk(&piece)
+        } else {
+            std::mem::take(&mut piece)
+        };
+        let (res, back) = conn.stream.write_all(out).await;
+        if !rechunk {
+            piece = back;
+        }
+        if res.is_err() {
+            break Err(());
+        }
+    };
+    ctx.give_buf(piece);
+    if result.is_err() {
+        return Err(total);
+    }
+    if rechunk {
+        let (res, _) = conn.stream.write_all(b"0\r\n\r\n".to_vec()).await;
+        res.map_err(|_| total)?;
+    }
+    Ok(total)
+}
+
+/// A close-delimited body: what is buffered, then reads until EOF. `Ok(false)` at EOF.
+async fn read_until_close(
+    bconn: &mut BackendConn,
+    rest: &mut Vec<u8>,
+    piece: &mut Vec<u8>,
+) -> Result<bool, ()> {
+    piece.clear();
+    if !rest.is_empty() {
+        piece.append(rest);
+        return Ok(true);
+    }
+    piece.reserve(64 * 1024);
+    let cap = piece.capacity().min(64 * 1024);
+    let read = bconn.stream.read(std::mem::take(piece).slice_mut(0..cap));
+    match monoio::time::timeout(BACKEND_READ_TIMEOUT, read).await {
+        Ok((Ok(0), back)) => {
+            *piece = back.into_inner();
+            Ok(false)
+        }
+        Ok((Ok(_), back)) => {
+            *piece = back.into_inner();
+            Ok(true)
+        }
+        _ => Err(()),
+    }
+}

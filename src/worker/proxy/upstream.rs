@@ -1,0 +1,75 @@
+//! Choosing a backend server: the route's single `url`, or a server of an upstream by
+//! `round_robin`, `least_conn` (connections counted over all workers in shared memory) or
+//! `ip_hash` (the same client address reaches the same server from any worker). Servers
+//! that the health checker marks unhealthy are skipped; the others, in order, are the
+//! candidates a request fails over through.
+
+use super::backend::{Target, Targets};
+use crate::shared::config::Algorithm;
+use crate::shared::shm::Region;
+use std::cell::Cell;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+pub struct Upstream {
+    pub name: String,
+    pub algorithm: Algorithm,
+    pub servers: Targets,
+    next: Cell<usize>,
+}
+
+impl Upstream {
+    pub fn new(name: String, algorithm: Algorithm, servers: Targets) -> Upstream {
+        Upstream {
+            name,
+            algorithm,
+            servers,
+            next: Cell::new(0),
+        }
+    }
+
+    /// The healthy servers in the order to try them; empty when none is healthy.
+    pub fn candidates(&self, region: &Region, client: IpAddr) -> Vec<Rc<Target>> {
+        let n = self.servers.len();
+        let healthy = |t: &Target| {
+            t.backend
+                .is_none_or(|i| region.header.backends[i].unhealthy.load(Relaxed) == 0)
+        };
+        let start = match self.algorithm {
+            Algorithm::IpHash => (hash_ip(client) % n as u64) as usize,
+            _ => {
+                let s = self.next.get();
+                self.next.set(s.wrapping_add(1));
+                s % n
+            }
+        };
+        let mut order: Vec<Rc<Target>> = (0..n)
+            .map(|k| self.servers[(start + k) % n].clone())
+            .filter(|t| healthy(t))
+            .collect();
+        if self.algorithm == Algorithm::LeastConn {
+            // Stable: among equals, the round-robin order above decides.
+            let active = |t: &Target| {
+                t.backend
+                    .map_or(0, |i| region.header.backends[i].active.load(Relaxed))
+            };
+            order.sort_by_key(|t| active(t));
+        }
+        order
+    }
+}
+
+/// FNV-1a over the address bytes: stable across processes and restarts.
+fn hash_ip(ip: IpAddr) -> u64 {
+    let bytes: Vec<u8> = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.octets().to_vec(),
+            None => v6.octets().to_vec(),
+        },
+    };
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
