@@ -2,6 +2,8 @@
 //! independent clients (ureq, raw sockets) and process inspection through /proc.
 #![allow(dead_code)]
 
+pub mod backend;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};

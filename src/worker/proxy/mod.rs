@@ -127,48 +127,67 @@ pub async fn forward(
     }
     let upgrade = is_websocket(req);
     let connect_timeout = Duration::from_secs(sec.backend_connect_timeout_secs);
-    let (target, mut bconn) = match acquire(ctx, &candidates, connect_timeout, !upgrade).await {
-        Ok(pair) => pair,
-        Err(status) => return fail(ctx, conn, m.route, status, meta).await,
-    };
-    let _active = Active::new(ctx, &target);
-    let head = request_head(req, &target, &m.rest, m.route, client_ip, framing, upgrade);
     let idempotent = framing == Framing::None
         && matches!(
             req.method.as_str(),
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         );
 
-    // Send the head (and body); read the response head. A reused connection that turns out
-    // dead before any response byte is replaced once, for a request that can be replayed.
-    let mut retried = false;
-    let mut request_bytes;
-    let response = loop {
-        match send_request(ctx, conn, req, &mut bconn, &head, framing, sec).await {
-            Ok(n) => request_bytes = n,
-            Err(SendError::Client(status)) => return fail(ctx, conn, m.route, status, meta).await,
-            Err(SendError::ClientGone) => return false,
-            Err(SendError::Backend) if bconn.reused && idempotent && !retried => {
-                retried = true;
-                match backend::connect(&target, connect_timeout).await {
-                    Ok(fresh) => bconn = fresh,
-                    Err(_) => return fail(ctx, conn, m.route, 502, meta).await,
+    // Connect (failing over on refusal or timeout), send, read the response head. A request
+    // that can be replayed and got no response byte is sent again: once on a fresh connection
+    // to the same server if the dead one came from the pool, else to the next candidate.
+    let mut from = 0;
+    let mut pooled = !upgrade;
+    let mut retried_same = false;
+    let (target, mut bconn, _active, request_bytes, response) = 'attempts: loop {
+        let (target, mut bconn) =
+            match acquire(ctx, &candidates[from..], connect_timeout, pooled).await {
+                Ok(pair) => pair,
+                Err(status) => return fail(ctx, conn, m.route, status, meta).await,
+            };
+        let active = Active::new(ctx, &target);
+        let head = request_head(req, &target, &m.rest, m.route, client_ip, framing, upgrade);
+        loop {
+            let sent = match send_request(ctx, conn, req, &mut bconn, &head, framing, sec).await {
+                Ok(n) => Ok(n),
+                Err(SendError::Client(status)) => {
+                    return fail(ctx, conn, m.route, status, meta).await
                 }
-                continue;
-            }
-            Err(SendError::Backend) => return fail(ctx, conn, m.route, 502, meta).await,
-        }
-        match relay::read_head(&mut bconn).await {
-            Ok(r) => break r,
-            Err(relay::HeadError::Stale) if bconn.reused && idempotent && !retried => {
-                retried = true;
-                match backend::connect(&target, connect_timeout).await {
-                    Ok(fresh) => bconn = fresh,
-                    Err(_) => return fail(ctx, conn, m.route, 502, meta).await,
+                Err(SendError::ClientGone) => return false,
+                Err(SendError::Backend) => Err(relay::HeadError::Stale),
+            };
+            let result = match sent {
+                Ok(n) => relay::read_head(&mut bconn).await.map(|r| (n, r)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok((n, r)) => break 'attempts (target, bconn, active, n, r),
+                Err(relay::HeadError::Stale) if idempotent => {
+                    if bconn.reused && !retried_same {
+                        retried_same = true;
+                        if let Ok(fresh) = backend::connect(&target, connect_timeout).await {
+                            bconn = fresh;
+                            continue;
+                        }
+                    }
+                    log::warn!(
+                        "backend {}: connection closed before a response; trying the next server",
+                        target.label()
+                    );
+                    let at = candidates
+                        .iter()
+                        .position(|c| Rc::ptr_eq(c, &target))
+                        .unwrap_or(from);
+                    from = at + 1;
+                    pooled = false;
+                    if from >= candidates.len() {
+                        return fail(ctx, conn, m.route, 502, meta).await;
+                    }
+                    continue 'attempts;
                 }
+                Err(relay::HeadError::Timeout) => return fail(ctx, conn, m.route, 504, meta).await,
+                Err(_) => return fail(ctx, conn, m.route, 502, meta).await,
             }
-            Err(relay::HeadError::Timeout) => return fail(ctx, conn, m.route, 504, meta).await,
-            Err(_) => return fail(ctx, conn, m.route, 502, meta).await,
         }
     };
     if upgrade && response.status == 101 {
