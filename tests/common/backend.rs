@@ -360,7 +360,8 @@ fn handle<S: Read + Write>(shared: &Shared, r: &mut BufReader<S>, req: &Req) -> 
     }
 }
 
-/// `/download?n=BYTES&seed=S&mode=cl|chunked|close|cut`
+/// `/download?n=BYTES&seed=S&mode=cl|chunked|close|cut|chunkcut` (the cut modes announce
+/// or start the body, send half, and close).
 fn download(w: &mut impl Write, req: &Req) -> bool {
     let n = req.query("n").unwrap_or(0);
     let seed = req.query("seed").unwrap_or(1);
@@ -374,7 +375,9 @@ fn download(w: &mut impl Write, req: &Req) -> bool {
         .unwrap_or("cl")
         .to_string();
     let head = match mode.as_str() {
-        "chunked" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_string(),
+        "chunked" | "chunkcut" => {
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_string()
+        }
         "close" => "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_string(),
         _ => format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n"),
     };
@@ -384,12 +387,14 @@ fn download(w: &mut impl Write, req: &Req) -> bool {
     let mut g = PatternGen::new(seed);
     let mut buf = vec![0u8; 256 * 1024];
     // `cut`: announce n bytes, send half, then close.
-    let send = if mode == "cut" { n / 2 } else { n };
+    let cut = mode == "cut" || mode == "chunkcut";
+    let chunked = mode == "chunked" || mode == "chunkcut";
+    let send = if cut { n / 2 } else { n };
     let mut left = send;
     while left > 0 {
         let k = left.min(buf.len() as u64) as usize;
         g.fill(&mut buf[..k]);
-        let ok = if mode == "chunked" {
+        let ok = if chunked {
             w.write_all(format!("{k:x}\r\n").as_bytes()).is_ok()
                 && w.write_all(&buf[..k]).is_ok()
                 && w.write_all(b"\r\n").is_ok()
@@ -405,5 +410,5 @@ fn download(w: &mut impl Write, req: &Req) -> bool {
         return false;
     }
     let _ = w.flush();
-    !matches!(mode.as_str(), "close" | "cut")
+    !matches!(mode.as_str(), "close" | "cut" | "chunkcut")
 }
