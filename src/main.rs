@@ -93,7 +93,7 @@ fn real_main() -> Result<i32> {
     let source = config_source(&cli);
     match &cli.action {
         Action::Run => {
-            master::run(source, worker::run)?;
+            master::run(source, worker::run, worker::health::run)?;
             Ok(0)
         }
         Action::Test { print } => Ok(test_config(&source, *print)),

@@ -29,12 +29,14 @@ pub struct SpawnEnv {
     pub groups: Vec<ListenGroup>,
     pub region: &'static Region,
     pub worker_main: WorkerMain,
+    pub health_main: WorkerMain,
     pub builtin: bool,
 }
 
 struct Worker {
     pid: Pid,
-    slot: usize,
+    /// `None` for the health checker.
+    slot: Option<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -47,13 +49,20 @@ enum State {
 struct Generation {
     id: u64,
     config: Arc<Config>,
+    /// One entry per worker index; the health checker, if any, is the last entry.
     workers: Vec<Option<Worker>>,
+    /// How many of `workers` are workers (the rest is the health checker).
+    count: usize,
     state: State,
 }
 
 impl Generation {
     fn live(&self) -> impl Iterator<Item = &Worker> {
         self.workers.iter().flatten()
+    }
+
+    fn is_health(&self, index: usize) -> bool {
+        index >= self.count
     }
 }
 
@@ -104,14 +113,21 @@ impl Generations {
         let id = self.next_id;
         self.next_id += 1;
         let count = self.env.groups[0].sockets.len();
+        let health = config.upstreams.values().any(|u| u.health_check.is_some());
         let mut generation = Generation {
             id,
             config,
-            workers: (0..count).map(|_| None).collect(),
+            workers: (0..count + usize::from(health)).map(|_| None).collect(),
+            count,
             state: State::Starting(Instant::now()),
         };
-        for index in 0..count {
-            match spawn(&self.env, &generation, index) {
+        for index in 0..generation.workers.len() {
+            let forked = if generation.is_health(index) {
+                spawn_health(&self.env, &generation)
+            } else {
+                spawn(&self.env, &generation, index)
+            };
+            match forked {
                 Ok(w) => generation.workers[index] = Some(w),
                 Err(e) => {
                     self.list.push(generation);
@@ -120,7 +136,10 @@ impl Generations {
                 }
             }
         }
-        log::info!("generation {id}: {count} workers forked");
+        log::info!(
+            "generation {id}: {count} workers forked{}",
+            if health { ", and a health checker" } else { "" }
+        );
         self.list.push(generation);
         Ok(())
     }
@@ -147,30 +166,37 @@ impl Generations {
         };
         let generation = &mut self.list[g];
         let worker = generation.workers[index].take().expect("found above");
-        self.env.region.release_slot(worker.slot);
+        if let Some(slot) = worker.slot {
+            self.env.region.release_slot(slot);
+        }
         let id = generation.id;
+        let what = if generation.is_health(index) {
+            "health checker".to_string()
+        } else {
+            format!("worker {index}")
+        };
         match generation.state {
-            _ if self.stopping => {
-                log::info!("generation {id}: worker {index} (pid {pid}) done ({how})")
-            }
-            State::Draining(_) => {
-                log::info!("generation {id}: worker {index} (pid {pid}) done ({how})")
-            }
+            _ if self.stopping => log::info!("generation {id}: {what} (pid {pid}) done ({how})"),
+            State::Draining(_) => log::info!("generation {id}: {what} (pid {pid}) done ({how})"),
             State::Starting(_) if code == Some(EXIT_STARTUP_FAILED) => {
-                log::error!("generation {id}: worker {index} (pid {pid}) failed to start");
+                log::error!("generation {id}: {what} (pid {pid}) failed to start");
                 self.abort_starting();
             }
             State::Active if code == Some(EXIT_STARTUP_FAILED) => {
-                log::error!(
-                    "generation {id}: worker {index} (pid {pid}) failed to start; not respawned"
-                )
+                log::error!("generation {id}: {what} (pid {pid}) failed to start; not respawned")
             }
             State::Starting(_) | State::Active => {
-                log::warn!("generation {id}: worker {index} (pid {pid}) died ({how}); respawning");
+                log::warn!("generation {id}: {what} (pid {pid}) died ({how}); respawning");
                 self.env.region.header.restarts.fetch_add(1, Relaxed);
-                match spawn(&self.env, &self.list[g], index) {
+                let generation = &self.list[g];
+                let forked = if generation.is_health(index) {
+                    spawn_health(&self.env, generation)
+                } else {
+                    spawn(&self.env, generation, index)
+                };
+                match forked {
                     Ok(w) => self.list[g].workers[index] = Some(w),
-                    Err(e) => log::error!("cannot respawn worker {index}: {e:#}"),
+                    Err(e) => log::error!("cannot respawn the {what}: {e:#}"),
                 }
             }
         }
@@ -215,9 +241,10 @@ impl Generations {
             .position(|g| matches!(g.state, State::Starting(_)))
         {
             let generation = &self.list[g];
-            let ready = generation.workers.iter().all(|w| {
+            let ready = generation.workers[..generation.count].iter().all(|w| {
                 w.as_ref()
-                    .is_some_and(|w| region.slots[w.slot].state.load(Acquire) == STATE_SERVING)
+                    .and_then(|w| w.slot)
+                    .is_some_and(|slot| region.slots[slot].state.load(Acquire) == STATE_SERVING)
             });
             if ready {
                 let id = generation.id;
@@ -289,12 +316,44 @@ fn signal_all(g: &Generation, sig: Signal) {
     }
 }
 
+/// What a forked child is.
+#[derive(Clone, Copy)]
+enum Role {
+    /// Worker `index`, with its shared-memory slot and socket `index` of each group.
+    Worker { index: usize, slot: usize },
+    /// The generation's health checker: no slot, no socket.
+    Health,
+}
+
 /// Forks worker `index` of `generation`. The child never returns from here.
 fn spawn(env: &SpawnEnv, generation: &Generation, index: usize) -> Result<Worker> {
-    let region = env.region;
-    let Some(slot) = region.claim_slot(index, generation.id) else {
+    let Some(slot) = env.region.claim_slot(index, generation.id) else {
         bail!("no free shared-memory slot for a worker (too many draining generations)");
     };
+    match fork_child(env, generation, Role::Worker { index, slot }) {
+        Ok(pid) => {
+            env.region.slots[slot]
+                .owner_pid
+                .store(i64::from(pid.as_raw()), Relaxed);
+            Ok(Worker {
+                pid,
+                slot: Some(slot),
+            })
+        }
+        Err(e) => {
+            env.region.release_slot(slot);
+            Err(e)
+        }
+    }
+}
+
+/// Forks the generation's health checker.
+fn spawn_health(env: &SpawnEnv, generation: &Generation) -> Result<Worker> {
+    let pid = fork_child(env, generation, Role::Health)?;
+    Ok(Worker { pid, slot: None })
+}
+
+fn fork_child(env: &SpawnEnv, generation: &Generation, role: Role) -> Result<Pid> {
     let security = &generation.config.security;
     let user = security
         .drop_privileges_user
@@ -307,38 +366,34 @@ fn spawn(env: &SpawnEnv, generation: &Generation, index: usize) -> Result<Worker
         .map(|g| shared::resolve_group(g).ok_or_else(|| anyhow!("unknown group `{g}`")))
         .transpose()?;
     match unsafe { fork() } {
-        Err(e) => {
-            region.release_slot(slot);
-            Err(anyhow!("fork: {e}"))
-        }
-        Ok(ForkResult::Parent { child }) => {
-            region.slots[slot]
-                .owner_pid
-                .store(i64::from(child.as_raw()), Relaxed);
-            Ok(Worker { pid: child, slot })
-        }
+        Err(e) => Err(anyhow!("fork: {e}")),
+        Ok(ForkResult::Parent { child }) => Ok(child),
         Ok(ForkResult::Child) => {
             super::signals::reset_in_child();
+            let (index, slot, main) = match role {
+                Role::Worker { index, slot } => (Some(index), slot, env.worker_main),
+                Role::Health => (None, usize::MAX, env.health_main),
+            };
             // Keep only this worker's socket of each group. The master's copies of the other
-            // structures are never dropped in the child (the worker never returns), so the raw
-            // fds are closed here once and adopted once.
+            // structures are never dropped in the child (it never returns), so the raw fds
+            // are closed here once and adopted once.
             let mut own = Vec::new();
             for g in &env.groups {
                 for (i, s) in g.sockets.iter().enumerate() {
-                    if i == index {
+                    if Some(i) == index {
                         own.push(unsafe { TcpListener::from_raw_fd(s.as_raw_fd()) });
                     } else {
                         unsafe { libc::close(s.as_raw_fd()) };
                     }
                 }
             }
-            (env.worker_main)(WorkerStart {
-                index,
+            main(WorkerStart {
+                index: index.unwrap_or(0),
                 slot,
                 config: generation.config.clone(),
                 builtin: env.builtin,
                 listeners: own,
-                shm: region,
+                shm: env.region,
                 user,
                 group,
             })

@@ -49,7 +49,7 @@ struct Flags {
     reap: bool,
 }
 
-pub fn run(source: ConfigSource, worker_main: WorkerMain) -> Result<()> {
+pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMain) -> Result<()> {
     let config = match source.load() {
         Ok(c) => Arc::new(c),
         Err(errors) => {
@@ -89,6 +89,7 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain) -> Result<()> {
         groups,
         region: shm.region(),
         worker_main,
+        health_main,
         builtin: matches!(source, ConfigSource::Builtin),
     };
     let mut gens = Generations::new(env);

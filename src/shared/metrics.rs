@@ -106,8 +106,25 @@ fn method_label(key: u64, m: u8) -> &'static str {
     }
 }
 
-/// Renders every metric in Prometheus' text format.
-pub fn render(region: &Region) -> String {
+/// An upstream's server as the metrics name it, and its index in the shared backend table.
+pub struct UpstreamServerLabel {
+    pub upstream: String,
+    pub server: String,
+    pub index: usize,
+}
+
+fn gauge(labels: Vec<LabelPair>, value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+/// Renders every metric in Prometheus' text format. `servers`: the upstream servers of the
+/// configuration in force.
+pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let mut requests: BTreeMap<u64, u64> = BTreeMap::default();
     let mut durations: BTreeMap<u64, HistSum> = BTreeMap::default();
     let mut req_sizes = HistSum::default();
@@ -174,11 +191,33 @@ pub fn render(region: &Region) -> String {
         .iter()
         .map(|(w, n)| counter(vec![label("worker", &w.to_string())], *n))
         .collect();
-    let mut gauge = Gauge::default();
-    gauge.set_value(connections as f64);
-    let mut conn_metric = Metric::default();
-    conn_metric.set_gauge(gauge);
+    let conn_metric = gauge(vec![], connections as f64);
 
+    let server_labels =
+        |s: &UpstreamServerLabel| vec![label("server", &s.server), label("upstream", &s.upstream)];
+    let backend = |s: &UpstreamServerLabel| &region.header.backends[s.index];
+    let healthy = servers
+        .iter()
+        .map(|s| {
+            gauge(
+                server_labels(s),
+                (backend(s).unhealthy.load(Relaxed) == 0) as u8 as f64,
+            )
+        })
+        .collect();
+    let active = servers
+        .iter()
+        .map(|s| {
+            gauge(
+                server_labels(s),
+                backend(s).active.load(Relaxed).max(0) as f64,
+            )
+        })
+        .collect();
+    let failures = servers
+        .iter()
+        .map(|s| counter(server_labels(s), backend(s).failures.load(Relaxed)))
+        .collect();
     let families = vec![
         family(
             "zerocopy_proxy_http_requests_total",
@@ -221,6 +260,24 @@ pub fn render(region: &Region) -> String {
             "Client connections open now, over all workers.",
             MetricType::GAUGE,
             vec![conn_metric],
+        ),
+        family(
+            "zerocopy_proxy_upstream_healthy",
+            "1 if the upstream server is healthy (health checks), else 0.",
+            MetricType::GAUGE,
+            healthy,
+        ),
+        family(
+            "zerocopy_proxy_upstream_active_connections",
+            "Backend connections in use now, over all workers.",
+            MetricType::GAUGE,
+            active,
+        ),
+        family(
+            "zerocopy_proxy_upstream_connect_failures_total",
+            "Failed connection attempts to the server (each one fails over to the next server).",
+            MetricType::COUNTER,
+            failures,
         ),
     ];
     // The encoder refuses a family without samples (none yet after a fresh start).

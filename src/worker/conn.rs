@@ -185,7 +185,7 @@ async fn exchange(ctx: &Ctx, conn: &mut Conn, incoming: Incoming) -> bool {
         return finish(ctx, conn, Response::error(400), false, None, meta).await;
     };
     if path == "/__metrics" {
-        let r = handlers::metrics(ctx.region);
+        let r = handlers::metrics(ctx);
         return respond_after_body(ctx, conn, &req, framing, r, keep, None, meta).await;
     }
     let Some(m) = ctx.router.route(&meta.host, &path) else {

@@ -125,8 +125,8 @@ fn welcome(req: &Request) -> Response {
     Response::new(head, Body::Bytes(Bytes::from_static(WELCOME.as_bytes())))
 }
 
-pub fn metrics(region: &crate::shared::shm::Region) -> Response {
-    let text = crate::shared::metrics::render(region);
+pub fn metrics(ctx: &super::server::Ctx) -> Response {
+    let text = crate::shared::metrics::render(ctx.region, &ctx.upstream_labels);
     let head =
         ResponseHead::new(200).header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
     Response::new(head, Body::Bytes(Bytes::from(text)))

@@ -7,6 +7,7 @@ mod chunked;
 mod conn;
 mod files;
 mod handlers;
+pub mod health;
 mod http;
 mod proxy;
 mod recorder;
@@ -23,7 +24,7 @@ use std::rc::Rc;
 /// io_uring submission-queue entries: ring memory counts against a small memlock budget
 /// shared by every process of the user, so rings stay modest.
 const RING_ENTRIES: u32 = 256;
-const EXIT_STARTUP_FAILED: i32 = 2;
+pub(crate) const EXIT_STARTUP_FAILED: i32 = 2;
 
 /// The worker entry point (`shared::WorkerMain`), called in the child right after fork.
 pub fn run(start: WorkerStart) -> ! {
@@ -37,7 +38,7 @@ pub fn run(start: WorkerStart) -> ! {
     }
 }
 
-fn exit(code: i32) -> ! {
+pub(crate) fn exit(code: i32) -> ! {
     log::logger().flush();
     std::process::exit(code)
 }
@@ -76,7 +77,7 @@ fn pin_to_core(core: usize) {
     }
 }
 
-fn drop_privileges(start: &WorkerStart) -> Result<(), String> {
+pub(crate) fn drop_privileges(start: &WorkerStart) -> Result<(), String> {
     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
     let gid = start.group.or(start.user.map(|(_, g)| g));
     if let Some(gid) = gid {
@@ -115,9 +116,6 @@ fn log_inactive_keys(c: &Config, index: usize) {
         .any(|r| r.security.rate_limit_requests_per_min != 0);
     if limits {
         notes.push("security.rate_limit_requests_per_min".into());
-    }
-    if c.upstreams.values().any(|u| u.health_check.is_some()) {
-        notes.push("[upstreams.*.health_check] (servers count as healthy)".into());
     }
     for n in notes {
         log::warn!("not active yet: {n}");

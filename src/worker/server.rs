@@ -35,6 +35,8 @@ pub struct Ctx {
     pool: RefCell<Vec<Vec<u8>>>,
     /// Idle keep-alive connections to backends.
     pub backends: super::proxy::backend::Pool,
+    /// Upstream servers of this generation's config, as `/__metrics` names them.
+    pub upstream_labels: Vec<crate::shared::metrics::UpstreamServerLabel>,
 }
 
 pub const BODY_BUF: usize = 64 * 1024;
@@ -56,6 +58,7 @@ impl Ctx {
             head_timeout: Duration::from_secs(start.config.server.client_header_timeout_secs),
             pool: RefCell::new(Vec::new()),
             backends: Default::default(),
+            upstream_labels: upstream_labels(&start.config, start.shm),
         }
     }
 
@@ -204,4 +207,24 @@ async fn sweep_backend_pool(ctx: Rc<Ctx>) {
         monoio::time::sleep(Duration::from_secs(5)).await;
         ctx.backends.sweep();
     }
+}
+
+fn upstream_labels(
+    c: &Config,
+    region: &Region,
+) -> Vec<crate::shared::metrics::UpstreamServerLabel> {
+    let mut out = Vec::new();
+    for (name, up) in &c.upstreams {
+        for s in &up.servers {
+            let key = crate::shared::config::backend_key(name, s.url());
+            if let Some(index) = region.header.find_backend(&key) {
+                out.push(crate::shared::metrics::UpstreamServerLabel {
+                    upstream: name.clone(),
+                    server: s.url().to_string(),
+                    index,
+                });
+            }
+        }
+    }
+    out
 }
