@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, by Debian package name, what the test suite uses besides cargo:
 # curl (HTTP client in shell-driven tests), iproute2 and util-linux (a private network
-# namespace for the built-in-default test). Does nothing when all are present.
+# namespace for the built-in-default test); and, from PyPI, kosoku (the Autobahn WebSocket
+# fuzzing client). Does nothing when all are present.
 set -euo pipefail
 
 need=()
@@ -15,4 +16,9 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+
+if ! python3 -c 'import kosoku' >/dev/null 2>&1; then
+  echo "installing kosoku (PyPI)"
+  python3 -m pip install --quiet kosoku
 fi

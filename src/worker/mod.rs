@@ -117,6 +117,21 @@ fn log_inactive_keys(c: &Config, index: usize) {
     if limits {
         notes.push("security.rate_limit_requests_per_min".into());
     }
+    let defaults = crate::shared::config::RouteSecurity::default();
+    let polling = c
+        .host_routes
+        .values()
+        .chain(c.path_routes.values().flat_map(|p| p.values()))
+        .any(|r| {
+            let s = &r.security;
+            s.websocket_poll_mode != defaults.websocket_poll_mode
+                || s.websocket_poll_timeout_ms != defaults.websocket_poll_timeout_ms
+                || s.websocket_poll_max_timeout_ms != defaults.websocket_poll_max_timeout_ms
+                || s.websocket_poll_backoff_multiplier != defaults.websocket_poll_backoff_multiplier
+        });
+    if polling {
+        log::warn!("websocket_poll_* keys have no effect: WebSocket tunnels are driven by I/O completions, with no polling to tune");
+    }
     for n in notes {
         log::warn!("not active yet: {n}");
     }
