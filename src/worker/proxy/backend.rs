@@ -23,7 +23,7 @@ pub struct Target {
     pub tls: Option<(TlsConnector, ServerName<'static>)>,
     /// Index in the shared backend table (servers of upstreams; `None` for a route's `url`).
     pub backend: Option<usize>,
-    /// Pool key: one pool per distinct URL and TLS name.
+    /// Pool key: one pool per distinct URL, TLS name and trusted CA file.
     pub key: String,
 }
 
@@ -44,7 +44,8 @@ impl Target {
         } else {
             None
         };
-        let key = format!("{}#{}", url, sni.unwrap_or(""));
+        // Connections are shared only between routes that verify the backend the same way.
+        let key = format!("{}#{}#{}", url, sni.unwrap_or(""), ca_file.unwrap_or(""));
         Ok(Target {
             url,
             addrs,
