@@ -49,6 +49,7 @@ enum State {
 struct Generation {
     id: u64,
     config: Arc<Config>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// One entry per worker index; the health checker, if any, is the last entry.
     workers: Vec<Option<Worker>>,
     /// How many of `workers` are workers (the rest is the health checker).
@@ -114,9 +115,17 @@ impl Generations {
         self.next_id += 1;
         let count = self.env.groups[0].sockets.len();
         let health = config.upstreams.values().any(|u| u.health_check.is_some());
+        // Keys are read here, by root, on every start and reload (certificates reload too).
+        let tls = match &config.tls {
+            Some(t) => Some(
+                shared::tls::server_config(t).map_err(|(key, why)| anyhow!("`{key}`: {why}"))?,
+            ),
+            None => None,
+        };
         let mut generation = Generation {
             id,
             config,
+            tls,
             workers: (0..count + usize::from(health)).map(|_| None).collect(),
             count,
             state: State::Starting(Instant::now()),
@@ -391,6 +400,7 @@ fn fork_child(env: &SpawnEnv, generation: &Generation, role: Role) -> Result<Pid
                 index: index.unwrap_or(0),
                 slot,
                 config: generation.config.clone(),
+                tls: generation.tls.clone(),
                 builtin: env.builtin,
                 listeners: own,
                 shm: env.region,

@@ -5,6 +5,7 @@ pub mod config;
 pub mod log;
 pub mod metrics;
 pub mod shm;
+pub mod tls;
 pub mod url;
 pub mod validate;
 
@@ -24,6 +25,8 @@ pub struct WorkerStart {
     /// This worker's own socket of each listen group (`server.listen`, then `http_listen`).
     pub listeners: Vec<TcpListener>,
     pub shm: &'static shm::Region,
+    /// TLS termination for `server.listen` (the first listener), when `[tls]` is set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// uid/gid to switch to, resolved by the master while validating.
     pub user: Option<(u32, u32)>,
     pub group: Option<u32>,

@@ -261,6 +261,7 @@ pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
     validate_logging(&c.logging, &mut e);
     validate_security(&c.security, &mut e);
     if let Some(tls) = &c.tls {
+        let before = e.list.len();
         check_file(
             &tls.cert_path,
             "tls.cert_path",
@@ -273,6 +274,11 @@ pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
             "TLS private key file",
             &mut e,
         );
+        if e.list.len() == before {
+            if let Err((key, why)) = super::tls::server_config(tls) {
+                e.add(key, why);
+            }
+        }
     }
     for (host, route) in &c.host_routes {
         check_host(host, &format!("host_routes.\"{host}\""), &mut e);

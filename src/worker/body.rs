@@ -5,7 +5,6 @@ use super::chunked::{ChunkError, ChunkedDecoder};
 use super::http::Framing;
 use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
-use monoio::net::TcpStream;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,9 +135,9 @@ impl BodyReader {
 }
 
 /// Reads and drops a whole body; returns its decoded size.
-pub async fn discard(
+pub async fn discard<S: AsyncReadRent>(
     reader: &mut BodyReader,
-    stream: &mut TcpStream,
+    stream: &mut S,
     buf: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
 ) -> Result<u64, BodyError> {

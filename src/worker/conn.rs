@@ -3,6 +3,7 @@
 //! answered one after the other, so pipelined requests are answered in order.
 
 use super::body::{self, BodyReader};
+use super::client::ClientStream;
 use super::handlers;
 use super::http::{self, Framing, Parse, Request};
 use super::proxy::tunnel::{self, TunnelParts};
@@ -12,8 +13,6 @@ use super::router::{Handler, RouteEntry};
 use super::server::Ctx;
 use crate::shared::config::RouteSecurity;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, CancelableAsyncReadRent};
-use monoio::net::TcpStream;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,8 @@ const HEAD_BUF: usize = 4096;
 /// While draining, how long a just-accepted connection may take to send its request.
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
-pub struct Conn {
-    pub stream: TcpStream,
+pub struct Conn<S> {
+    pub stream: S,
     /// An error was answered and the client may still be sending: close gently.
     pub linger: bool,
     /// Bytes read and not yet used: the head being read, then what follows it.
@@ -48,7 +47,7 @@ enum Head {
     Error(u16),
 }
 
-pub async fn serve(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr) {
     let mut conn = Conn {
         stream,
         linger: false,
@@ -88,7 +87,7 @@ pub async fn serve(ctx: &Ctx, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// `fresh`: no request has been read on this connection yet.
-async fn read_head(ctx: &Ctx, conn: &mut Conn, fresh: bool) -> Head {
+async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) -> Head {
     let limit = ctx.max_head;
     let mut started = None;
     loop {
@@ -133,14 +132,18 @@ async fn read_head(ctx: &Ctx, conn: &mut Conn, fresh: bool) -> Head {
             // Accepted as draining began: its request is normally already on the way.
             monoio::time::timeout(DRAIN_GRACE, stream.read(owned)).await
         } else {
-            // Waiting for a request: the one read that draining may cancel.
+            // Waiting for a request: the one read that draining may interrupt.
             let wait = if fresh {
                 ctx.head_timeout
             } else {
                 ctx.keepalive
             };
-            let read = stream.cancelable_read(owned, ctx.cancel_handle());
-            monoio::time::timeout(wait, read).await
+            match monoio::time::timeout(wait, stream.idle_read(owned, ctx)).await {
+                Ok((res, Some(slice))) => Ok((res, slice)),
+                // Abandoned by draining (TLS): nothing was read.
+                Ok((_, None)) => return Head::Close,
+                Err(e) => Err(e),
+            }
         };
         let Ok((res, slice)) = result else {
             return if idle { Head::Close } else { Head::Error(408) };
@@ -157,7 +160,7 @@ async fn read_head(ctx: &Ctx, conn: &mut Conn, fresh: bool) -> Head {
 }
 
 /// One request and its response. Returns whether the connection may carry another.
-async fn exchange(ctx: &Ctx, conn: &mut Conn, incoming: Incoming) -> bool {
+async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Incoming) -> bool {
     let Incoming {
         req,
         head_len,
@@ -230,9 +233,9 @@ async fn exchange(ctx: &Ctx, conn: &mut Conn, incoming: Incoming) -> bool {
 /// body first, sending `100 Continue` if the client waits for it; an error answers at once
 /// and closes, leaving the body unread.
 #[allow(clippy::too_many_arguments)]
-async fn respond_after_body(
+async fn respond_after_body<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     req: &Request,
     framing: Framing,
     r: Response,
@@ -292,9 +295,9 @@ impl Meta {
 
 /// Sends `r` with the route's header changes and records it. Returns whether the connection
 /// may carry another request.
-async fn finish(
+async fn finish<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     mut r: Response,
     keep: bool,
     sec: Option<&RouteSecurity>,
@@ -325,9 +328,9 @@ async fn finish(
 
 /// An error decided outside this module (the proxy's 502/503/504): sent with the route's
 /// header changes, recorded, and the connection closed.
-pub async fn finish_error(
+pub async fn finish_error<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     r: Response,
     route: &RouteEntry,
     meta: Meta,
@@ -353,9 +356,12 @@ const LINGER_IDLE: Duration = Duration::from_secs(2);
 /// Closing at once would make the kernel answer its data with a reset, which can destroy the
 /// response before the client reads it. So, like nginx's lingering close: stop writing, then
 /// read and drop what still comes, for a bounded time.
-async fn linger(conn: &mut Conn) {
-    use std::os::fd::AsRawFd;
-    unsafe { libc::shutdown(conn.stream.as_raw_fd(), libc::SHUT_WR) };
+async fn linger<S: ClientStream>(conn: &mut Conn<S>) {
+    // Over TLS the half-close would need a close_notify first: such a connection just closes.
+    let Some(fd) = conn.stream.raw_fd() else {
+        return;
+    };
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     let deadline = Instant::now() + LINGER_TOTAL;
     let mut buf = std::mem::take(&mut conn.buf);
     loop {

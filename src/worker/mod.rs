@@ -4,6 +4,7 @@
 
 mod body;
 mod chunked;
+mod client;
 mod conn;
 mod files;
 mod handlers;
@@ -65,7 +66,12 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     log_inactive_keys(config, start.index);
     let signals = signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let ctx = Rc::new(server::Ctx::new(&start, router));
-    runtime.block_on(server::run(ctx, start.listeners, signals))
+    runtime.block_on(server::run(
+        ctx,
+        start.listeners,
+        signals,
+        start.tls.clone(),
+    ))
 }
 
 fn pin_to_core(core: usize) {
@@ -97,8 +103,10 @@ fn log_inactive_keys(c: &Config, index: usize) {
         return;
     }
     let mut notes = Vec::new();
-    if c.tls.is_some() {
-        notes.push("[tls] (TLS termination): `listen` serves plain HTTP".to_string());
+    if c.tls.as_ref().is_some_and(|t| t.ktls_enabled) {
+        notes.push(
+            "tls.ktls_enabled (kernel TLS offload): rustls encrypts in user space".to_string(),
+        );
     }
     if c.security.max_concurrent_connections != 0 {
         notes.push("security.max_concurrent_connections".into());

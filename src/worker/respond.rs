@@ -1,9 +1,10 @@
 //! Writing responses. File bodies on plain TCP go from the page cache to the socket with
 //! `sendfile(2)`: their bytes never pass through user space.
 
+use super::client::ClientStream;
 use super::http::{self, ResponseHead};
 use bytes::Bytes;
-use monoio::io::AsyncWriteRentExt;
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -86,7 +87,11 @@ impl Response {
 
 /// Writes the response; returns the body bytes sent. `keep`: whether the connection stays
 /// open after it (otherwise `Connection: close` is sent).
-pub async fn send(stream: &mut TcpStream, mut r: Response, keep: bool) -> std::io::Result<u64> {
+pub async fn send<S: ClientStream>(
+    stream: &mut S,
+    mut r: Response,
+    keep: bool,
+) -> std::io::Result<u64> {
     if !r.has_content_length() && r.sends_length() {
         let len = r.body.len();
         r.head.set("Content-Length", len.to_string());
@@ -110,11 +115,18 @@ pub async fn send(stream: &mut TcpStream, mut r: Response, keep: bool) -> std::i
             }
             Ok(b.len() as u64)
         }
-        Body::File { file, offset, len } => sendfile::send(stream, &out, &file, offset, len).await,
+        Body::File { file, offset, len } => match stream.plain() {
+            Some(tcp) => sendfile::send(tcp, &out, &file, offset, len).await,
+            // Over TLS the bytes must be encrypted here: read, then write.
+            None => {
+                write_all(stream, out).await?;
+                copy_file(stream, &file, offset, len).await
+            }
+        },
     }
 }
 
-async fn write_all(stream: &mut TcpStream, buf: Vec<u8>) -> std::io::Result<()> {
+async fn write_all<S: AsyncWriteRent>(stream: &mut S, buf: Vec<u8>) -> std::io::Result<()> {
     timed(stream.write_all(buf)).await
 }
 
@@ -128,8 +140,38 @@ async fn timed<T>(
 }
 
 /// `100 Continue`, before reading a body the client holds back.
-pub async fn send_continue(stream: &mut TcpStream) -> std::io::Result<()> {
+pub async fn send_continue<S: AsyncWriteRent>(stream: &mut S) -> std::io::Result<()> {
     write_all(stream, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()).await
+}
+
+/// A file through user space, for streams that must see the bytes (TLS).
+async fn copy_file<S: AsyncWriteRent>(
+    stream: &mut S,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0u64;
+    while done < len {
+        let want = ((len - done) as usize).min(buf.len());
+        buf.resize(want, 0);
+        // A local file read: short, and what nginx does without thread pools.
+        let n = file.read_at(&mut buf[..want], offset + done)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while being sent",
+            ));
+        }
+        buf.truncate(n);
+        let (res, back) = stream.write_all(buf).await;
+        buf = back;
+        res?;
+        done += n as u64;
+    }
+    Ok(len)
 }
 
 mod sendfile {
@@ -194,7 +236,7 @@ mod sendfile {
     }
 
     pub async fn send(
-        stream: &mut TcpStream,
+        stream: &TcpStream,
         head: &[u8],
         file: &std::fs::File,
         offset: u64,

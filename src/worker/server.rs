@@ -29,6 +29,9 @@ pub struct Ctx {
     pub max_head: usize,
     /// How long a kept-alive connection may wait for its next request.
     pub keepalive: Duration,
+    /// Tasks waiting for draining to start (TLS connections between requests).
+    drain_waiters: RefCell<std::collections::HashMap<u64, std::task::Waker>>,
+    next_waiter: Cell<u64>,
     /// How long a head may take until its route is known.
     pub head_timeout: Duration,
     /// Reusable 64 KiB buffers for bodies; an idle connection holds none.
@@ -58,6 +61,8 @@ impl Ctx {
             head_timeout: Duration::from_secs(start.config.server.client_header_timeout_secs),
             pool: RefCell::new(Vec::new()),
             backends: Default::default(),
+            drain_waiters: Default::default(),
+            next_waiter: Cell::new(0),
             upstream_labels: upstream_labels(&start.config, start.shm),
         }
     }
@@ -88,20 +93,37 @@ impl Ctx {
         self.slot.state.store(STATE_DRAINING, Release);
         let old = self.canceller.replace(Canceller::new());
         old.cancel();
+        for (_, waker) in self.drain_waiters.borrow_mut().drain() {
+            waker.wake();
+        }
+    }
+
+    /// Completes when draining starts.
+    pub fn drain_signal(&self) -> DrainSignal<'_> {
+        DrainSignal {
+            ctx: self,
+            id: None,
+        }
     }
 }
 
 /// Serves until SIGTERM/SIGINT, or until a SIGQUIT drain completes: the process exits from
 /// here and never returns.
+/// `tls`: terminate TLS on the first listener (`server.listen`); the others are plain HTTP.
 pub async fn run(
     ctx: Rc<Ctx>,
     listeners: Vec<std::net::TcpListener>,
     signals: std::os::unix::net::UnixStream,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> ! {
     let mut accepting = Vec::new();
-    for l in listeners {
+    for (i, l) in listeners.into_iter().enumerate() {
+        let acceptor = tls
+            .clone()
+            .filter(|_| i == 0)
+            .map(monoio_rustls::TlsAcceptor::from);
         match TcpListener::from_std(l) {
-            Ok(l) => accepting.push(monoio::spawn(accept_loop(ctx.clone(), l))),
+            Ok(l) => accepting.push(monoio::spawn(accept_loop(ctx.clone(), l, acceptor))),
             Err(e) => {
                 log::error!("cannot register a listener: {e}");
                 super::exit(super::EXIT_STARTUP_FAILED);
@@ -161,7 +183,7 @@ async fn drain_then_exit(ctx: Rc<Ctx>, accepting: Vec<monoio::task::JoinHandle<(
     super::exit(0);
 }
 
-async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {
+async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, tls: Option<monoio_rustls::TlsAcceptor>) {
     loop {
         if ctx.draining.get() {
             return;
@@ -172,8 +194,24 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener) {
                 ctx.connections.set(ctx.connections.get() + 1);
                 ctx.slot.connections.fetch_add(1, Relaxed);
                 let ctx = ctx.clone();
+                let tls = tls.clone();
                 monoio::spawn(async move {
-                    super::conn::serve(&ctx, stream, peer).await;
+                    match tls {
+                        None => super::conn::serve(&ctx, stream, peer).await,
+                        Some(acceptor) => {
+                            // The handshake counts against the head timeout.
+                            let handshake =
+                                monoio::time::timeout(ctx.head_timeout, acceptor.accept(stream))
+                                    .await;
+                            match handshake {
+                                Ok(Ok(tls_stream)) => {
+                                    super::conn::serve(&ctx, tls_stream, peer).await
+                                }
+                                Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
+                                Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+                            }
+                        }
+                    }
                     ctx.connections.set(ctx.connections.get() - 1);
                     ctx.slot.connections.fetch_sub(1, Relaxed);
                 });
@@ -227,4 +265,41 @@ fn upstream_labels(
         }
     }
     out
+}
+
+pub struct DrainSignal<'a> {
+    ctx: &'a Ctx,
+    id: Option<u64>,
+}
+
+impl std::future::Future for DrainSignal<'_> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.ctx.draining.get() {
+            return std::task::Poll::Ready(());
+        }
+        let ctx = self.ctx;
+        let id = *self.id.get_or_insert_with(|| {
+            let id = ctx.next_waiter.get();
+            ctx.next_waiter.set(id + 1);
+            id
+        });
+        self.ctx
+            .drain_waiters
+            .borrow_mut()
+            .insert(id, cx.waker().clone());
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for DrainSignal<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.ctx.drain_waiters.borrow_mut().remove(&id);
+        }
+    }
 }

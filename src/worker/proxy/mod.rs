@@ -21,6 +21,7 @@ use super::recorder::Outcome;
 use super::respond::{self, Response};
 use super::router::{Matched, RouteEntry};
 use super::server::Ctx;
+use crate::worker::client::ClientStream;
 use backend::{BackendConn, ConnectError, Target};
 use monoio::io::AsyncWriteRentExt;
 use std::net::IpAddr;
@@ -108,9 +109,9 @@ impl Drop for Active<'_> {
 
 /// Proxies one request. Returns whether the client connection may carry another.
 #[allow(clippy::too_many_arguments)]
-pub async fn forward(
+pub async fn forward<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     req: &Request,
     m: &Matched<'_>,
     route: &ProxyRoute,
@@ -249,7 +250,7 @@ fn record(ctx: &Ctx, meta: &Meta, status: u16, request_bytes: u64, response_byte
     });
 }
 
-fn client_ip(conn: &Conn) -> IpAddr {
+fn client_ip<S: ClientStream>(conn: &Conn<S>) -> IpAddr {
     match conn.peer.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -298,9 +299,9 @@ enum SendError {
 }
 
 /// Sends the head and streams the body; returns the body bytes sent.
-async fn send_request(
+async fn send_request<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     req: &Request,
     bconn: &mut BackendConn,
     head: &[u8],
@@ -437,6 +438,12 @@ fn request_head(
 }
 
 /// An error answered by the proxy itself (502, 503, 504, or the client's 4xx).
-async fn fail(ctx: &Ctx, conn: &mut Conn, route: &RouteEntry, status: u16, meta: Meta) -> bool {
+async fn fail<S: ClientStream>(
+    ctx: &Ctx,
+    conn: &mut Conn<S>,
+    route: &RouteEntry,
+    status: u16,
+    meta: Meta,
+) -> bool {
     super::conn::finish_error(ctx, conn, Response::error(status), route, meta).await
 }

@@ -6,6 +6,7 @@
 use super::backend::BackendConn;
 use super::{chunk, connection_tokens, is_hop_by_hop, BACKEND_READ_TIMEOUT};
 use crate::worker::body::BodyReader;
+use crate::worker::client::ClientStream;
 use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::{Framing, Request, ResponseHead};
 use crate::worker::router::RouteEntry;
@@ -158,9 +159,9 @@ fn body_kind(req: &Request, r: &BackendResponse) -> Result<BodyKind, ()> {
 /// Sends the response head and body to the client. `Err(502)`: the backend's framing is
 /// unusable, and nothing was sent yet.
 #[allow(clippy::too_many_arguments)]
-pub async fn relay(
+pub async fn relay<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     req: &Request,
     route: &RouteEntry,
     bconn: &mut BackendConn,
@@ -238,9 +239,9 @@ pub async fn relay(
 
 /// Streams the body; `Err(bytes so far)` when either side failed, in which case the client
 /// connection is closed without completing the body, so the client sees it cut short.
-async fn copy_body(
+async fn copy_body<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn,
+    conn: &mut Conn<S>,
     bconn: &mut BackendConn,
     rest: &mut Vec<u8>,
     kind: BodyKind,

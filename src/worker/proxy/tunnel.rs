@@ -6,13 +6,13 @@
 
 use super::backend::{BackendConn, BackendStream};
 use super::relay::BackendResponse;
+use crate::worker::client::ClientStream;
 use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::ResponseHead;
 use crate::worker::router::RouteEntry;
 use crate::worker::server::Ctx;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
-use monoio::net::TcpStream;
 
 const TUNNEL_BUF: usize = 16 * 1024;
 
@@ -24,8 +24,8 @@ pub struct TunnelParts {
 
 /// Sends the 101 head to the client. The tunnel itself runs from `run`, which takes the
 /// client connection over.
-pub async fn switch(
-    conn: &mut Conn,
+pub async fn switch<S: ClientStream>(
+    conn: &mut Conn<S>,
     route: &RouteEntry,
     response: &BackendResponse,
 ) -> std::io::Result<()> {
@@ -49,7 +49,7 @@ pub async fn switch(
 
 /// Copies both ways until one side closes. Bytes that already arrived with the 101 (from
 /// the backend) or after the upgrade request (from the client) go first.
-pub async fn run(ctx: &Ctx, client: TcpStream, client_early: Vec<u8>, parts: TunnelParts) {
+pub async fn run<S: ClientStream>(ctx: &Ctx, client: S, client_early: Vec<u8>, parts: TunnelParts) {
     let TunnelParts { backend, response } = parts;
     let backend_early = response.rest;
     match backend.stream {
@@ -58,13 +58,9 @@ pub async fn run(ctx: &Ctx, client: TcpStream, client_early: Vec<u8>, parts: Tun
     }
 }
 
-async fn pipe<B>(
-    ctx: &Ctx,
-    client: TcpStream,
-    client_early: Vec<u8>,
-    backend: B,
-    backend_early: Vec<u8>,
-) where
+async fn pipe<S, B>(ctx: &Ctx, client: S, client_early: Vec<u8>, backend: B, backend_early: Vec<u8>)
+where
+    S: ClientStream,
     B: AsyncReadRent + AsyncWriteRent + monoio::io::Split,
 {
     let (client_r, client_w) = client.into_split();
