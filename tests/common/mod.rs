@@ -317,6 +317,10 @@ pub fn test_pki(
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes a leaf whose issuer equals its subject for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "zerocopy test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
     let params =
