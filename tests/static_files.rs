@@ -94,7 +94,8 @@ mode = "memory"
     let file = s.path("big.bin");
     sparse_file(&file, 2 * GIB);
     s.spawn();
-    s.wait_ready();
+    // The worker reads 2 GiB into memory before it serves.
+    s.wait_ready_for(Duration::from_secs(120));
     for path in ["/disk.bin", "/mem.bin"] {
         let (status, h, mut r) = open(&s, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n"));
         assert_eq!(status, 200, "{path}");

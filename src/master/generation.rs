@@ -17,8 +17,9 @@ use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a new generation may take to report that it serves.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new generation may take to report that it serves: long enough for workers to
+/// read large `memory` routes on a busy machine. Meanwhile the previous generation serves.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// A worker that exits with this code failed to start; respawning it would fail again.
 pub const EXIT_STARTUP_FAILED: i32 = 2;
 /// After SIGTERM, how long workers get before SIGKILL.

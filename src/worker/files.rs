@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 pub enum Resolved<'a> {
+    /// An open regular file (opened once: what is stat'ed is what is sent).
     File {
         path: PathBuf,
+        file: std::fs::File,
         meta: std::fs::Metadata,
     },
     /// A file of a memory route, as read when the generation started.
@@ -23,6 +25,8 @@ pub enum Resolved<'a> {
         file: &'a Cached,
     },
     NotFound,
+    /// The worker's user may not read it.
+    Forbidden,
     BadRequest,
 }
 
@@ -56,10 +60,78 @@ pub fn resolve<'a>(route: &'a FileRoute, rest: &str, exact: bool) -> Resolved<'a
             }
         }
     }
-    if path.is_dir() {
-        path.push(&route.index);
+    match open_beneath(route, rest) {
+        Some(resolved) => resolved,
+        // Kernels without openat2 (before 5.6): resolve in user space.
+        None => {
+            if path.is_dir() {
+                path.push(&route.index);
+            }
+            found(path, &route.root_canon)
+        }
     }
-    found(path, &route.root_canon)
+}
+
+/// Opens `rest` (then its index, for a directory) under the route's root with
+/// `openat2(RESOLVE_BENEATH)`: the kernel follows symlinks but refuses any path that leaves the
+/// root, in one call. `None` where the kernel has no openat2.
+fn open_beneath<'a>(route: &FileRoute, rest: &str) -> Option<Resolved<'a>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let dir = route.root_fd.as_ref()?;
+    let rel = rest.trim_start_matches('/');
+    let rel = if rel.is_empty() { "." } else { rel };
+    let open = |rel: &str| -> Result<std::fs::File, std::io::Error> {
+        let c = std::ffi::CString::new(rel)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+        }
+    };
+    let (rel, file) = match open(rel) {
+        Ok(f) => (rel.to_string(), f),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return None,
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Some(Resolved::Forbidden),
+        Err(_) => return Some(Resolved::NotFound),
+    };
+    let Ok(meta) = file.metadata() else {
+        return Some(Resolved::NotFound);
+    };
+    let (rel, file, meta) = if meta.is_dir() {
+        let index = format!("{}/{}", rel.trim_end_matches('/'), route.index);
+        let file = match open(&index) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Some(Resolved::Forbidden),
+            Err(_) => return Some(Resolved::NotFound),
+        };
+        let Ok(meta) = file.metadata() else {
+            return Some(Resolved::NotFound);
+        };
+        (index, file, meta)
+    } else {
+        (rel, file, meta)
+    };
+    if !meta.is_file() {
+        return Some(Resolved::NotFound);
+    }
+    Some(Resolved::File {
+        path: route.root_canon.join(rel),
+        file,
+        meta,
+    })
 }
 
 fn found(path: PathBuf, real_root: &Path) -> Resolved<'static> {
@@ -69,8 +141,17 @@ fn found(path: PathBuf, real_root: &Path) -> Resolved<'static> {
     if !real.starts_with(real_root) {
         return Resolved::NotFound;
     }
-    match std::fs::metadata(&real) {
-        Ok(meta) if meta.is_file() => Resolved::File { path: real, meta },
+    let file = match std::fs::File::open(&real) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Resolved::Forbidden,
+        Err(_) => return Resolved::NotFound,
+    };
+    match file.metadata() {
+        Ok(meta) if meta.is_file() => Resolved::File {
+            path: real,
+            file,
+            meta,
+        },
         _ => Resolved::NotFound,
     }
 }

@@ -45,10 +45,11 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         r.head.set("Allow", "GET, HEAD");
         return r;
     }
-    let (path, meta, cached) = match files::resolve(route, &m.rest, m.exact) {
-        Resolved::File { path, meta } => (path, meta, None),
-        Resolved::Cached { path, file } => (path, file.meta.clone(), Some(&file.bytes)),
+    let (path, meta, opened, cached) = match files::resolve(route, &m.rest, m.exact) {
+        Resolved::File { path, file, meta } => (path, meta, Some(file), None),
+        Resolved::Cached { path, file } => (path, file.meta.clone(), None, Some(&file.bytes)),
         Resolved::NotFound => return Response::error(404),
+        Resolved::Forbidden => return Response::error(403),
         Resolved::BadRequest => return Response::error(400),
     };
     let v = Validators::of(&meta);
@@ -82,8 +83,8 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         let body = bytes.slice(start as usize..end);
         return Response::new(head, Body::Bytes(body));
     }
-    match std::fs::File::open(&path) {
-        Ok(file) => Response::new(
+    match opened {
+        Some(file) => Response::new(
             head,
             Body::File {
                 file,
@@ -91,8 +92,7 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
                 len: count,
             },
         ),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Response::error(403),
-        Err(_) => Response::error(404),
+        None => Response::error(404),
     }
 }
 

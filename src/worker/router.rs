@@ -42,6 +42,8 @@ pub struct FileRoute {
     pub root: PathBuf,
     /// `root` with its symlinks resolved: what every file served must lie under.
     pub root_canon: PathBuf,
+    /// The root directory, opened once (O_PATH), for `openat2(RESOLVE_BENEATH)`.
+    pub root_fd: Option<std::os::fd::OwnedFd>,
     pub is_dir: bool,
     pub index: String,
     /// `mode = "memory"`: files by resolved path, read when the generation starts.
@@ -236,10 +238,16 @@ fn handler(
             let root_canon = root
                 .canonicalize()
                 .map_err(|e| format!("{}: {e}", root.display()))?;
+            let root_fd = if meta.is_dir() {
+                open_dir(&root_canon)
+            } else {
+                None
+            };
             Handler::File(FileRoute {
                 is_dir: meta.is_dir(),
                 root,
                 root_canon,
+                root_fd,
                 index: route.index.clone().unwrap_or_else(|| "index.html".into()),
                 cache,
             })
@@ -322,4 +330,18 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
         }
     }
     Ok(cache)
+}
+
+/// An O_PATH descriptor of a route's root directory.
+fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }

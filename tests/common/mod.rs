@@ -115,7 +115,11 @@ impl Server {
 
     /// Waits until `/__metrics` answers.
     pub fn wait_ready(&self) {
-        let ok = wait_until(Duration::from_secs(10), || {
+        self.wait_ready_for(Duration::from_secs(20));
+    }
+
+    pub fn wait_ready_for(&self, timeout: Duration) {
+        let ok = wait_until(timeout, || {
             ureq::get(&self.url("/__metrics"))
                 .timeout(Duration::from_secs(1))
                 .call()
