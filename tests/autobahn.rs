@@ -4,47 +4,11 @@
 
 mod common;
 use common::*;
-use std::net::TcpListener;
 use std::process::Command;
-use tungstenite::Message;
-
-/// A plain echo server (tungstenite), one thread per connection.
-fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let Ok(mut ws) = tungstenite::accept(stream) else {
-                    return;
-                };
-                loop {
-                    match ws.read() {
-                        Ok(m @ (Message::Text(_) | Message::Binary(_))) => {
-                            if ws.send(m).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(_) => {
-                            if ws.flush().is_err() {
-                                break;
-                            }
-                        }
-                        Err(_) => {
-                            let _ = ws.flush();
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    port
-}
 
 #[test]
 fn autobahn_cases_pass_through_the_proxy_as_they_do_directly() {
-    let echo = echo_server();
+    let echo = ws_echo_server();
     let s = Server::start(&format!(
         "[server]\nlisten = \"127.0.0.1:{{port}}\"\nthreads = 2\n\n[path_routes.\"*\".\"/\"]\ntype = \"Proxy\"\nurl = \"http://127.0.0.1:{echo}\"\n  [path_routes.\"*\".\"/\".security]\n  max_request_body_size = 67108864\n"
     ));

@@ -12,19 +12,11 @@ use std::time::Duration;
 
 /// One request on a fresh connection: (status, headers, body).
 fn request(s: &Server, raw_request: &str) -> (u16, Vec<(String, String)>, String) {
-    let text = raw(s.addr(), raw_request.as_bytes(), Duration::from_secs(10));
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
+    parse_response(&raw(
+        s.addr(),
+        raw_request.as_bytes(),
+        Duration::from_secs(10),
+    ))
 }
 
 fn get_path(
@@ -37,10 +29,6 @@ fn get_path(
         s,
         &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"),
     )
-}
-
-fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
 }
 
 #[test]

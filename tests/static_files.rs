@@ -47,10 +47,6 @@ fn open(s: &Server, request: &str) -> (u16, Vec<(String, String)>, BufReader<Tcp
     (status, headers, r)
 }
 
-fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-}
-
 /// Streams `len` bytes of the body and compares them with `file` from `offset`.
 fn compare_body(r: &mut impl Read, file: &std::path::Path, offset: u64, len: u64) {
     let mut f = std::fs::File::open(file).unwrap();

@@ -13,27 +13,10 @@ use tungstenite::Message;
 /// Writes a certificate (for `backend.test` and 127.0.0.1) and its key as PEM files; returns
 /// the CA file that signs it.
 fn write_cert(s: &Server) -> std::path::PathBuf {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Distinct names: OpenSSL takes a leaf whose issuer equals its subject for self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "zerocopy test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(vec!["backend.test".to_string(), "127.0.0.1".to_string()]).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "backend.test");
-    let cert = params
-        .signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))
-        .unwrap();
-    s.write_file("server.crt", cert.pem().as_bytes());
-    s.write_file("server.key", key.serialize_pem().as_bytes());
-    s.write_file("ca.pem", ca.pem().as_bytes())
+    let p = pki();
+    s.write_file("server.crt", p.cert_pem.as_bytes());
+    s.write_file("server.key", p.key_pem.as_bytes());
+    s.write_file("ca.pem", p.ca_pem.as_bytes())
 }
 
 fn tls_client(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
@@ -82,31 +65,11 @@ type = "Proxy"
 url = "http://127.0.0.1:{ws_port}/"
 "#;
 
-fn ws_echo() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let Ok(mut ws) = tungstenite::accept(stream) else {
-                    return;
-                };
-                while let Ok(m) = ws.read() {
-                    if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 fn start() -> (Server, std::path::PathBuf, u16) {
     let http_port = free_port();
     let template = CONFIG
         .replace("{http_port}", &http_port.to_string())
-        .replace("{ws_port}", &ws_echo().to_string());
+        .replace("{ws_port}", &ws_echo_server().to_string());
     let mut s = Server::prepare(&template);
     let ca = write_cert(&s);
     s.write_file("www/index.html", b"secure hello\n");

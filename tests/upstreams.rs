@@ -300,3 +300,59 @@ fn all_servers_unhealthy_is_503_at_once() {
     )
     .0 == 200));
 }
+
+#[test]
+fn health_checks_reach_https_servers_with_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, ca) = test_pki(dir.path());
+    let b = Backend::start_tls("tls", tls);
+    let s = Server::start(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:{{port}}"
+
+[path_routes."t"."/"]
+type = "Proxy"
+upstream = "secure"
+
+[upstreams."secure"]
+ca_file = "{}"
+servers = [{{ url = "https://127.0.0.1:{}", sni_name = "backend.test" }}]
+
+  [upstreams."secure".health_check]
+  interval_secs = 1
+  path = "/health"
+  unhealthy_threshold = 1
+  healthy_threshold = 1
+"#,
+        ca.display(),
+        b.port
+    ));
+    let healthy = || {
+        metric(
+            &s.metrics(),
+            "zerocopy_proxy_upstream_healthy",
+            &["upstream=\"secure\""],
+        )
+    };
+    // Down when the server says so, up again when it recovers: the checks get through TLS.
+    b.healthy.store(false, Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(5), || healthy() == 0.0),
+        "{}",
+        s.log()
+    );
+    b.healthy.store(true, Ordering::SeqCst);
+    assert!(
+        wait_until(Duration::from_secs(5), || healthy() == 1.0),
+        "{}",
+        s.log()
+    );
+    assert!(b.sni.lock().unwrap().iter().all(|n| n == "backend.test"));
+    let line = format!("Upstream 127.0.0.1:{} is now healthy", b.port);
+    assert!(
+        wait_until(Duration::from_secs(3), || s.log().contains(&line)),
+        "{}",
+        s.log()
+    );
+}

@@ -313,34 +313,110 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A CA and a server certificate for `backend.test` (and 127.0.0.1), as PEM files.
-pub fn test_pki(
-    dir: &std::path::Path,
-) -> (std::sync::Arc<rustls::ServerConfig>, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+/// A test CA and a certificate it signed for `backend.test` and 127.0.0.1.
+pub struct Pki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+}
+
+pub fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     // Distinct names: OpenSSL takes a leaf whose issuer equals its subject for self-signed.
     ca_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "zerocopy test CA");
+        .push(DnType::CommonName, "zerocopy test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
-    let params =
+    let mut params =
         CertificateParams::new(vec!["backend.test".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, ca.pem()).unwrap();
-    let chain = vec![cert.der().clone()];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "backend.test");
+    let cert = params
+        .signed_by(&key, &rcgen::Issuer::new(ca_params, ca_key))
+        .unwrap();
     let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(chain, key_der)
+        .with_single_cert(vec![cert.der().clone()], key_der)
         .unwrap();
-    (std::sync::Arc::new(config), ca_path)
+    Pki {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        server: std::sync::Arc::new(server),
+    }
+}
+
+/// `pki()`, with the CA written to `dir/ca.pem`: (server config, CA file).
+pub fn test_pki(
+    dir: &std::path::Path,
+) -> (std::sync::Arc<rustls::ServerConfig>, std::path::PathBuf) {
+    let p = pki();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, &p.ca_pem).unwrap();
+    (p.server, ca_path)
+}
+
+/// (status, lower-cased headers, body) of a response read whole.
+pub fn parse_response(text: &str) -> (u16, Vec<(String, String)>, String) {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// A header of `parse_response`'s list.
+pub fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+/// A WebSocket echo server (tungstenite), one thread per connection; returns its port.
+pub fn ws_echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(stream) else {
+                    return;
+                };
+                loop {
+                    match ws.read() {
+                        Ok(m) if m.is_text() || m.is_binary() => {
+                            if ws.send(m).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {
+                            if ws.flush().is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            let _ = ws.flush();
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
 }
