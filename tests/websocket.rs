@@ -251,3 +251,30 @@ fn websocket_to_an_https_backend() {
     );
     echo_session(&s);
 }
+
+#[test]
+fn an_open_tunnel_counts_as_an_active_backend_connection() {
+    let echo = ws_echo_server();
+    let s = Server::start(&format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\n\n[path_routes.\"127.0.0.1\".\"/ws/\"]\ntype = \"Proxy\"\nupstream = \"ws\"\n\n[upstreams.\"ws\"]\nalgorithm = \"least_conn\"\nservers = [\"http://127.0.0.1:{echo}\"]\n"
+    ));
+    let active = || {
+        metric(
+            &s.metrics(),
+            "zerocopy_proxy_upstream_active_connections",
+            &["upstream=\"ws\""],
+        )
+    };
+    let mut ws = client(&s, "/ws/x");
+    ws.send(Message::text("hi")).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::text("hi"));
+    assert_eq!(
+        active(),
+        1.0,
+        "an open WebSocket session is a connection in use (least_conn)"
+    );
+    ws.close(None).unwrap();
+    let _ = ws.read();
+    drop(ws);
+    assert!(wait_until(Duration::from_secs(3), || active() == 0.0));
+}

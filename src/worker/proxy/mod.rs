@@ -78,21 +78,23 @@ fn is_websocket(req: &Request) -> bool {
 }
 
 /// Counts a connection in use towards `least_conn`, in shared memory, until dropped.
-struct Active<'a> {
+pub struct Active<'a> {
     ctx: &'a Ctx,
     backend: Option<usize>,
 }
 
 impl<'a> Active<'a> {
     fn new(ctx: &'a Ctx, target: &Target) -> Self {
-        if let Some(i) = target.backend {
+        Self::of(ctx, target.backend)
+    }
+
+    /// Counts a connection to the shared backend `backend` (if it is one).
+    pub fn of(ctx: &'a Ctx, backend: Option<usize>) -> Self {
+        if let Some(i) = backend {
             ctx.region.header.backends[i].active.fetch_add(1, Relaxed);
             ctx.slot.backend_active[i].fetch_add(1, Relaxed);
         }
-        Active {
-            ctx,
-            backend: target.backend,
-        }
+        Active { ctx, backend }
     }
 }
 
@@ -197,6 +199,7 @@ pub async fn forward<S: ClientStream>(
         if switched {
             // `serve` takes the client connection over for the tunnel.
             conn.tunnel = Some(tunnel::TunnelParts {
+                backend_index: target.backend,
                 backend: bconn,
                 response,
             });

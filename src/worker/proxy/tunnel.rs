@@ -18,6 +18,9 @@ const TUNNEL_BUF: usize = 16 * 1024;
 
 /// What the tunnel needs once the exchange that set it up has ended.
 pub struct TunnelParts {
+    /// The server's entry in the shared backend table: a tunnel counts towards `least_conn`
+    /// for as long as it is open.
+    pub backend_index: Option<usize>,
     pub backend: BackendConn,
     pub response: BackendResponse,
 }
@@ -50,7 +53,12 @@ pub async fn switch<S: ClientStream>(
 /// Copies both ways until one side closes. Bytes that already arrived with the 101 (from
 /// the backend) or after the upgrade request (from the client) go first.
 pub async fn run<S: ClientStream>(ctx: &Ctx, client: S, client_early: Vec<u8>, parts: TunnelParts) {
-    let TunnelParts { backend, response } = parts;
+    let TunnelParts {
+        backend_index,
+        backend,
+        response,
+    } = parts;
+    let _active = super::Active::of(ctx, backend_index);
     let backend_early = response.rest;
     match backend.stream {
         BackendStream::Plain(b) => pipe(ctx, client, client_early, b, backend_early).await,
