@@ -197,3 +197,57 @@ fn a_reload_picks_up_a_new_certificate() {
     });
     assert!(works, "{}", s.log());
 }
+
+/// kTLS cannot be used here (default build, or a kernel without the TLS ULP): with
+/// `ktls_fallback_enabled` TLS stays in user space, without it TLS connections are refused;
+/// either way one log line says which and why.
+#[test]
+fn ktls_falls_back_or_refuses_as_configured() {
+    for fallback in [true, false] {
+        let template = format!(
+            "[server]\nlisten = \"127.0.0.1:{{port}}\"\nhttp_listen = \"127.0.0.1:{}\"\nthreads = 1\n\n[tls]\ncert_path = \"{{dir}}/server.crt\"\nkey_path = \"{{dir}}/server.key\"\nktls_enabled = true\nktls_fallback_enabled = {fallback}\n\n[path_routes.\"*\".\"/\"]\npath = \"{{dir}}/www\"\n",
+            free_port()
+        );
+        let mut s = Server::prepare(&template);
+        let ca = write_cert(&s);
+        s.write_file("www/index.html", b"secure hello\n");
+        s.spawn();
+        let want = if fallback {
+            "kTLS requested but not used"
+        } else {
+            "kTLS required (tls.ktls_fallback_enabled = false) but not available"
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || s.log().contains(want)),
+            "{}",
+            s.log()
+        );
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "--cacert",
+                ca.to_str().unwrap(),
+                "--resolve",
+                &format!("backend.test:{}:127.0.0.1", s.port),
+                &format!("https://backend.test:{}/", s.port),
+            ])
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        if fallback {
+            assert_eq!(
+                body,
+                "secure hello\n",
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            assert!(
+                !out.status.success() && body.is_empty(),
+                "a TLS connection was served without kTLS"
+            );
+        }
+    }
+}

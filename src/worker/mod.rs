@@ -10,6 +10,7 @@ mod files;
 mod handlers;
 pub mod health;
 mod http;
+mod ktls;
 mod proxy;
 mod recorder;
 mod respond;
@@ -66,12 +67,9 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     log_inactive_keys(config, start.index);
     let signals = signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let ctx = Rc::new(server::Ctx::new(&start, router));
-    runtime.block_on(server::run(
-        ctx,
-        start.listeners,
-        signals,
-        start.tls.clone(),
-    ))
+    let refuse_tls = config.tls.as_ref().map(ktls::decide) == Some(ktls::Mode::Refuse);
+    let tls = start.tls.clone().map(|t| (t, refuse_tls));
+    runtime.block_on(server::run(ctx, start.listeners, signals, tls))
 }
 
 fn pin_to_core(core: usize) {
@@ -102,12 +100,7 @@ fn log_inactive_keys(c: &Config, index: usize) {
     if index != 0 {
         return;
     }
-    let mut notes = Vec::new();
-    if c.tls.as_ref().is_some_and(|t| t.ktls_enabled) {
-        notes.push(
-            "tls.ktls_enabled (kernel TLS offload): rustls encrypts in user space".to_string(),
-        );
-    }
+    let mut notes: Vec<String> = Vec::new();
     if c.security.max_concurrent_connections != 0 {
         notes.push("security.max_concurrent_connections".into());
     }

@@ -114,14 +114,15 @@ pub async fn run(
     ctx: Rc<Ctx>,
     listeners: Vec<std::net::TcpListener>,
     signals: std::os::unix::net::UnixStream,
-    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    tls: Option<(std::sync::Arc<rustls::ServerConfig>, bool)>,
 ) -> ! {
     let mut accepting = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
+        // `refuse`: kTLS is required and unavailable (see `ktls`).
         let acceptor = tls
             .clone()
             .filter(|_| i == 0)
-            .map(monoio_rustls::TlsAcceptor::from);
+            .map(|(config, refuse)| (monoio_rustls::TlsAcceptor::from(config), refuse));
         match TcpListener::from_std(l) {
             Ok(l) => accepting.push(monoio::spawn(accept_loop(ctx.clone(), l, acceptor))),
             Err(e) => {
@@ -183,7 +184,11 @@ async fn drain_then_exit(ctx: Rc<Ctx>, accepting: Vec<monoio::task::JoinHandle<(
     super::exit(0);
 }
 
-async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, tls: Option<monoio_rustls::TlsAcceptor>) {
+async fn accept_loop(
+    ctx: Rc<Ctx>,
+    listener: TcpListener,
+    tls: Option<(monoio_rustls::TlsAcceptor, bool)>,
+) {
     loop {
         if ctx.draining.get() {
             return;
@@ -198,7 +203,8 @@ async fn accept_loop(ctx: Rc<Ctx>, listener: TcpListener, tls: Option<monoio_rus
                 monoio::spawn(async move {
                     match tls {
                         None => super::conn::serve(&ctx, stream, peer).await,
-                        Some(acceptor) => {
+                        Some((_, true)) => drop(stream),
+                        Some((acceptor, false)) => {
                             // The handshake counts against the head timeout.
                             let handshake =
                                 monoio::time::timeout(ctx.head_timeout, acceptor.accept(stream))
