@@ -399,3 +399,20 @@ fn timeouts_answer_408_and_idle_connections_close() {
         t.elapsed()
     );
 }
+
+#[test]
+fn http_1_0_keep_alive_is_announced() {
+    let s = start();
+    let (mut c, mut r) = connect(&s);
+    for _ in 0..3 {
+        c.write_all(b"GET /f.txt HTTP/1.0\r\nHost: t\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap();
+        let resp = read_response(&mut r, false).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(
+            resp.header("connection"),
+            Some("keep-alive"),
+            "an HTTP/1.0 client closes unless told"
+        );
+    }
+}

@@ -168,6 +168,7 @@ async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Inco
     } = incoming;
     let meta = Meta {
         method: req.method.clone(),
+        version: req.version,
         host: req.host(),
         started,
         request_bytes: 0,
@@ -277,6 +278,8 @@ async fn respond_after_body<S: ClientStream>(
 /// What the metrics need to know of a request.
 pub struct Meta {
     pub method: String,
+    /// 0 for an HTTP/1.0 request: a kept connection must then say `Connection: keep-alive`.
+    pub version: u8,
     pub host: String,
     pub started: Instant,
     pub request_bytes: u64,
@@ -286,6 +289,7 @@ impl Meta {
     fn unparsed(started: Instant) -> Meta {
         Meta {
             method: "OTHER".into(),
+            version: 1,
             host: String::new(),
             started,
             request_bytes: 0,
@@ -313,6 +317,9 @@ async fn finish<S: ClientStream>(
         r.strip_body();
     }
     let status = r.status();
+    if keep && meta.version == 0 {
+        r.head.set("Connection", "keep-alive");
+    }
     let sent = respond::send(&mut conn.stream, r, keep).await;
     conn.linger = status >= 400 && sent.is_ok();
     ctx.recorder.record(&Outcome {

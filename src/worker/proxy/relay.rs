@@ -219,6 +219,8 @@ pub async fn relay<S: ClientStream>(
     apply_route_headers(&mut head, &route.security);
     if !client_keep {
         head.set("Connection", "close");
+    } else if req.version == 0 {
+        head.set("Connection", "keep-alive");
     }
     let (res, _) = conn.stream.write_all(head.encode()).await;
     if res.is_err() {
