@@ -416,3 +416,50 @@ fn http_1_0_keep_alive_is_announced() {
         );
     }
 }
+
+#[test]
+fn max_concurrent_connections_is_global_across_workers() {
+    let config = CONFIG.replacen(
+        "[path_routes",
+        "[security]\nmax_concurrent_connections = 3\n\n[path_routes",
+        1,
+    );
+    let mut s = Server::prepare(&config);
+    s.write_file("www/f.txt", b"file f\n");
+    s.spawn();
+    s.wait_ready();
+    // Three kept-alive connections, from addresses spread over both workers.
+    let mut held = Vec::new();
+    for i in 0..3u8 {
+        let c = connect_from(std::net::Ipv4Addr::new(127, 5, 0, i + 1), s.addr());
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut w = c;
+        w.write_all(b"GET /f.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        assert_eq!(read_response(&mut r, false).unwrap().status, 200);
+        held.push((w, r));
+    }
+    // A fourth is refused with a 503, whichever worker takes it.
+    for i in 0..4u8 {
+        let text = raw(
+            std::net::SocketAddr::from(([127, 0, 0, 1], s.port)),
+            format!("GET /f.txt HTTP/1.1\r\nHost: t\r\nX-Try: {i}\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        );
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    }
+    // One closes: there is room again.
+    drop(held.pop());
+    assert!(wait_until(Duration::from_secs(3), || {
+        raw(
+            s.addr(),
+            b"GET /f.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .starts_with("HTTP/1.1 200")
+    }));
+    assert!(wait_until(Duration::from_secs(3), || s
+        .log()
+        .contains("max_concurrent_connections (3) reached")));
+}

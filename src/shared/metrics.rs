@@ -130,7 +130,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let mut req_sizes = HistSum::default();
     let mut resp_sizes = HistSum::default();
     let mut per_worker: BTreeMap<u64, u64> = BTreeMap::default();
-    let mut connections = 0i64;
+    let connections = region.header.connections.load(Relaxed).max(0);
     for slot in region.used_slots() {
         for e in &slot.req_counts {
             let key = e.key.load(Acquire);
@@ -149,9 +149,6 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
         *per_worker
             .entry(slot.worker_index.load(Relaxed))
             .or_default() += slot.requests.load(Relaxed);
-        if slot.state.load(Relaxed) != shm::STATE_FREE {
-            connections += slot.connections.load(Relaxed).max(0);
-        }
     }
 
     let request_metrics = requests

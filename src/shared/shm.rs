@@ -71,6 +71,8 @@ pub struct Header {
     hosts: [HostName; MAX_HOSTS],
     backend_count: AtomicU64,
     pub backends: [Backend; MAX_BACKENDS],
+    /// Client connections open now, over all workers (`max_concurrent_connections`).
+    pub connections: AtomicI64,
 }
 
 /// One server of an upstream, keyed `upstream|url`.
@@ -289,7 +291,9 @@ impl Region {
                 self.header.backends[i].active.fetch_sub(n, Relaxed);
             }
         }
-        s.connections.store(0, Relaxed);
+        // A dead worker's connections are gone: take them out of the total.
+        let open = s.connections.swap(0, Relaxed);
+        self.header.connections.fetch_sub(open, Relaxed);
         s.owner_pid.store(0, Relaxed);
         s.state.store(STATE_FREE, Release);
     }

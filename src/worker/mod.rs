@@ -101,9 +101,6 @@ fn log_inactive_keys(c: &Config, index: usize) {
         return;
     }
     let mut notes: Vec<String> = Vec::new();
-    if c.security.max_concurrent_connections != 0 {
-        notes.push("security.max_concurrent_connections".into());
-    }
     if c.performance.huge_pages_enabled {
         notes.push("performance.huge_pages_enabled".into());
     }

@@ -32,6 +32,10 @@ pub struct Ctx {
     /// Tasks waiting for draining to start (TLS connections between requests).
     drain_waiters: RefCell<std::collections::HashMap<u64, std::task::Waker>>,
     next_waiter: Cell<u64>,
+    /// `security.max_concurrent_connections` (0: no limit), over all workers.
+    pub max_connections: i64,
+    /// When the last over-limit refusal was logged (one line a second at most).
+    limit_logged: Cell<Option<std::time::Instant>>,
     /// How long a head may take until its route is known.
     pub head_timeout: Duration,
     /// Reusable 64 KiB buffers for bodies; an idle connection holds none.
@@ -62,6 +66,8 @@ impl Ctx {
             pool: RefCell::new(Vec::new()),
             backends: Default::default(),
             drain_waiters: Default::default(),
+            max_connections: start.config.security.max_concurrent_connections as i64,
+            limit_logged: Cell::new(None),
             next_waiter: Cell::new(0),
             upstream_labels: upstream_labels(&start.config, start.shm),
         }
@@ -198,10 +204,13 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 ctx.connections.set(ctx.connections.get() + 1);
                 ctx.slot.connections.fetch_add(1, Relaxed);
+                let total = ctx.region.header.connections.fetch_add(1, Relaxed) + 1;
+                let over = ctx.max_connections > 0 && total > ctx.max_connections;
                 let ctx = ctx.clone();
                 let tls = tls.clone();
                 monoio::spawn(async move {
                     match tls {
+                        _ if over => refuse(&ctx, stream, tls.is_some()).await,
                         None => super::conn::serve(&ctx, stream, peer).await,
                         Some((_, true)) => drop(stream),
                         Some((acceptor, false)) => {
@@ -220,6 +229,7 @@ async fn accept_loop(
                     }
                     ctx.connections.set(ctx.connections.get() - 1);
                     ctx.slot.connections.fetch_sub(1, Relaxed);
+                    ctx.region.header.connections.fetch_sub(1, Relaxed);
                 });
             }
             Err(_) if ctx.draining.get() => return,
@@ -229,6 +239,29 @@ async fn accept_loop(
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Over `max_concurrent_connections`: a plain-HTTP client gets a 503 and the connection
+/// closes; a TLS one is closed before any handshake work.
+async fn refuse(ctx: &Ctx, mut stream: monoio::net::TcpStream, tls: bool) {
+    let now = std::time::Instant::now();
+    if ctx
+        .limit_logged
+        .get()
+        .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+    {
+        ctx.limit_logged.set(Some(now));
+        log::warn!(
+            "max_concurrent_connections ({}) reached: refusing connections",
+            ctx.max_connections
+        );
+    }
+    if !tls {
+        use monoio::io::AsyncWriteRentExt;
+        let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 24\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 Service Unavailable\n";
+        let _ =
+            monoio::time::timeout(Duration::from_secs(1), stream.write_all(answer.to_vec())).await;
     }
 }
 
