@@ -384,3 +384,36 @@ fn example_configs_are_valid() {
         );
     }
 }
+
+#[test]
+fn rate_limits_hold_per_client_over_all_workers() {
+    let mut s = Server::prepare(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\n\n[path_routes.\"t\".\"/\"]\npath = \"{dir}/www\"\n  [path_routes.\"t\".\"/\".security]\n  rate_limit_requests_per_min = 5\n",
+    );
+    s.write_file("www/index.html", b"hi\n");
+    s.spawn();
+    s.wait_ready();
+    let from = |ip: [u8; 4]| {
+        // A new connection each time: the kernel spreads them over both workers.
+        let mut c = connect_from(std::net::Ipv4Addr::from(ip), s.addr());
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        parse_response(&text)
+    };
+    for i in 0..5 {
+        assert_eq!(from([127, 6, 0, 1]).0, 200, "request {i}");
+    }
+    let (status, h, _) = from([127, 6, 0, 1]);
+    assert_eq!(status, 429);
+    let retry: u64 = header(&h, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(
+        from([127, 6, 0, 1]).0,
+        429,
+        "refused requests do not reset the window"
+    );
+    // Another client has its own window.
+    assert_eq!(from([127, 6, 0, 2]).0, 200);
+}

@@ -33,6 +33,9 @@ const REQ_ENTRIES: usize = 1024;
 /// Servers of all upstreams, over the server's life (append-only, like the host table).
 pub const MAX_BACKENDS: usize = 256;
 pub const BACKEND_KEY_LEN: usize = 248;
+const RATE_ENTRIES: usize = 16 * 1024;
+/// Entries looked at for one key before the limiter gives up (and lets the request pass).
+const RATE_PROBES: usize = 16;
 const DUR_ENTRIES: usize = 256;
 
 /// Request-duration buckets, seconds (Prometheus' defaults).
@@ -73,6 +76,18 @@ pub struct Header {
     pub backends: [Backend; MAX_BACKENDS],
     /// Client connections open now, over all workers (`max_concurrent_connections`).
     pub connections: AtomicI64,
+    /// Sliding-window request counts per (route, client address), for rate limits.
+    rates: [RateEntry; RATE_ENTRIES],
+}
+
+/// One (route, client) of the rate limiter: this minute's count and the previous minute's.
+#[repr(C)]
+struct RateEntry {
+    key: AtomicU64,
+    /// Minutes since the epoch of `current`.
+    minute: AtomicU64,
+    previous: AtomicU64,
+    current: AtomicU64,
 }
 
 /// One server of an upstream, keyed `upstream|url`.
@@ -255,6 +270,59 @@ impl Header {
         b.key_len.store(key.len() as u64, Release);
         self.backend_count.store(n as u64 + 1, Release);
         Some(n)
+    }
+}
+
+impl Header {
+    /// Counts a request of `key` (a route and a client address, hashed; never 0) at `now`
+    /// (seconds since the epoch) if the sliding-window rate stays within `limit` per minute.
+    /// Every worker updates the same entries, so the limit holds over all of them. Returns
+    /// whether the request may pass; when the table has no room, it passes.
+    pub fn rate_admit(&self, key: u64, now: u64, limit: u64) -> bool {
+        let minute = now / 60;
+        let Some(e) = self.rate_entry(key, minute) else {
+            return true;
+        };
+        let seen = e.minute.load(Acquire);
+        if seen != minute
+            && e.minute
+                .compare_exchange(seen, minute, AcqRel, Acquire)
+                .is_ok()
+        {
+            // The first request of a new minute turns `current` into `previous`.
+            let last = e.current.swap(0, AcqRel);
+            e.previous
+                .store(if seen + 1 == minute { last } else { 0 }, Release);
+        }
+        let count = e.current.fetch_add(1, AcqRel) + 1;
+        let weight = 1.0 - (now % 60) as f64 / 60.0;
+        let estimate = e.previous.load(Acquire) as f64 * weight + count as f64;
+        if estimate > limit as f64 {
+            // A refused request does not count against the client.
+            e.current.fetch_sub(1, AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// The entry of `key`, claiming a free or stale one (unused for two minutes).
+    fn rate_entry(&self, key: u64, minute: u64) -> Option<&RateEntry> {
+        let start = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % RATE_ENTRIES;
+        for probe in 0..RATE_PROBES {
+            let e = &self.rates[(start + probe) % RATE_ENTRIES];
+            let k = e.key.load(Acquire);
+            if k == key {
+                return Some(e);
+            }
+            let stale = e.minute.load(Acquire) + 1 < minute;
+            if (k == 0 || stale) && e.key.compare_exchange(k, key, AcqRel, Acquire).is_ok() {
+                e.previous.store(0, Release);
+                e.current.store(0, Release);
+                e.minute.store(minute, Release);
+                return Some(e);
+            }
+        }
+        None
     }
 }
 

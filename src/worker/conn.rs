@@ -220,7 +220,7 @@ async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Inco
             return finish(ctx, conn, Response::error(413), false, Some(sec), meta).await;
         }
     }
-    if let Some(r) = handlers::refuse(&req, m.route, conn.peer) {
+    if let Some(r) = handlers::refuse(&req, m.route, conn.peer, ctx.region) {
         return respond_after_body(ctx, conn, &req, framing, r, keep, Some(sec), meta).await;
     }
     if let Handler::Proxy(p) = &m.route.handler {

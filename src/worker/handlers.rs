@@ -5,12 +5,18 @@ use super::files::{self, RangeAnswer, Resolved, Validators};
 use super::http::{self, Request, ResponseHead};
 use super::respond::{Body, Response};
 use super::router::{FileRoute, Handler, Matched, RedirectRoute, RouteEntry};
+use crate::shared::shm::Region;
 use bytes::Bytes;
 use std::net::{IpAddr, SocketAddr};
 
 /// Access checks of the route's `security` table, in the spec's order: IP (deny first), then
-/// method. `None`: allowed.
-pub fn refuse(req: &Request, route: &RouteEntry, peer: SocketAddr) -> Option<Response> {
+/// method, then the rate limit. `None`: allowed.
+pub fn refuse(
+    req: &Request,
+    route: &RouteEntry,
+    peer: SocketAddr,
+    region: &Region,
+) -> Option<Response> {
     let ip = match peer.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -26,7 +32,37 @@ pub fn refuse(req: &Request, route: &RouteEntry, peer: SocketAddr) -> Option<Res
         r.head.set("Allow", methods.join(", "));
         return Some(r);
     }
+    let limit = route.security.rate_limit_requests_per_min;
+    if limit > 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if !region
+            .header
+            .rate_admit(rate_key(&route.name, ip), now, limit)
+        {
+            let mut r = Response::error(429);
+            r.head.set("Retry-After", (60 - now % 60).to_string());
+            return Some(r);
+        }
+    }
     None
+}
+
+/// The rate limiter's key: the route (by its config key, stable over reloads) and the client.
+fn rate_key(route: &str, ip: IpAddr) -> u64 {
+    let ip_bytes = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let h = route
+        .bytes()
+        .chain([0u8])
+        .chain(ip_bytes)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    h | 1
 }
 
 pub fn handle(req: &Request, m: &Matched) -> Response {

@@ -107,14 +107,6 @@ fn log_inactive_keys(c: &Config, index: usize) {
     if c.logging.file_path.is_some() && c.logging.max_log_size != 0 {
         notes.push("logging.max_log_size (use logrotate)".into());
     }
-    let limits = c
-        .host_routes
-        .values()
-        .chain(c.path_routes.values().flat_map(|p| p.values()))
-        .any(|r| r.security.rate_limit_requests_per_min != 0);
-    if limits {
-        notes.push("security.rate_limit_requests_per_min".into());
-    }
     let defaults = crate::shared::config::RouteSecurity::default();
     let polling = c
         .host_routes
