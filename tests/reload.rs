@@ -231,3 +231,52 @@ fn term_closes_at_once() {
         .all(|p| !alive(*p))));
     assert!(!s.path("zerocopy.pid").exists());
 }
+
+#[test]
+fn usr1_reopens_the_log_files_for_logrotate() {
+    let mut s = Server::prepare(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\n\n[logging]\nfile_path = \"{dir}/zc.log\"\nflush_interval_ms = 100\n\n[security]\ndrop_privileges_user = \"nobody\"\n\n[path_routes.\"127.0.0.1\".\"/\"]\npath = \"{dir}/www\"\n",
+    );
+    s.write_file("www/index.html", b"x\n");
+    s.spawn();
+    s.wait_ready();
+    let log = s.path("zc.log");
+    let rotated = s.path("zc.log.1");
+    assert!(wait_until(Duration::from_secs(3), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("serving (pid")
+    }));
+    std::fs::rename(&log, &rotated).unwrap();
+    s.signal(libc::SIGUSR1);
+    let reopened = wait_until(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("[master] USR1: log file reopened")
+            && text.matches("] log file reopened").count() >= 2
+    });
+    assert!(
+        reopened,
+        "new log:\n{}\nold log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(&rotated).unwrap_or_default()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().uid(),
+        65534,
+        "handed to the workers' user"
+    );
+    // Workers keep logging into the new file, not the rotated one.
+    let before = std::fs::metadata(&rotated).unwrap().len();
+    s.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("generation 2: serving")
+    }));
+    assert_eq!(
+        std::fs::metadata(&rotated).unwrap().len(),
+        before,
+        "the rotated file was written to"
+    );
+}

@@ -290,6 +290,13 @@ impl Generations {
         result
     }
 
+    /// Sends `sig` to every child of every generation.
+    pub fn signal_children(&self, sig: Signal) {
+        for g in &self.list {
+            signal_all(g, sig);
+        }
+    }
+
     /// SIGQUIT: every generation drains, then the master exits.
     pub fn drain_all(&mut self, timeout: Duration) {
         self.stopping = true;

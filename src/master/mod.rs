@@ -43,6 +43,7 @@ impl ConfigSource {
 
 #[derive(Default)]
 struct Flags {
+    reopen: bool,
     reload: bool,
     quit: bool,
     terminate: bool,
@@ -117,12 +118,16 @@ fn cycle(source: &ConfigSource, mut config: Arc<Config>, gens: &mut Generations)
                 Signal::SIGQUIT => flags.quit = true,
                 Signal::SIGTERM | Signal::SIGINT => flags.terminate = true,
                 Signal::SIGCHLD => flags.reap = true,
+                Signal::SIGUSR1 => flags.reopen = true,
                 other => log::warn!("{other} received: not supported yet, ignored"),
             }
         }
 
         if std::mem::take(&mut flags.reap) {
             gens.reap();
+        }
+        if std::mem::take(&mut flags.reopen) {
+            reopen_logs(&config, gens);
         }
         if flags.terminate {
             log::info!("fast shutdown");
@@ -219,4 +224,36 @@ fn bind_listeners(config: &Config, workers: usize) -> Result<Vec<listeners::List
         groups.push(group);
     }
     Ok(groups)
+}
+
+/// USR1 (logrotate): the master reopens the log file, hands it to the workers' user (who
+/// cannot create files where root keeps logs), then tells every child to reopen it too.
+fn reopen_logs(config: &Config, gens: &Generations) {
+    if let Err(e) = shared::log::init_direct(&config.logging, "master") {
+        log::error!("USR1: cannot reopen the log file: {e}");
+        return;
+    }
+    if let (Some(path), Some(user)) = (
+        &config.logging.file_path,
+        &config.security.drop_privileges_user,
+    ) {
+        let ids = shared::resolve_user(user);
+        let group = config
+            .security
+            .drop_privileges_group
+            .as_deref()
+            .and_then(shared::resolve_group);
+        if let Some((uid, gid)) = ids {
+            let gid = group.unwrap_or(gid);
+            if let Err(e) = nix::unistd::chown(
+                Path::new(path),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            ) {
+                log::warn!("USR1: cannot hand {path} to `{user}`: {e}");
+            }
+        }
+    }
+    log::info!("USR1: log file reopened; workers reopen theirs");
+    gens.signal_children(Signal::SIGUSR1);
 }

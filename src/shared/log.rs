@@ -10,7 +10,7 @@ use log::{LevelFilter, Log, Metadata, Record};
 use std::fmt::Display;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub fn parse_level(s: &str) -> Option<LevelFilter> {
@@ -121,12 +121,44 @@ pub fn open_log_file(path: &str) -> std::io::Result<File> {
 }
 
 /// Where a worker's async logger writes: opened before privileges are dropped, so a log
-/// file that only root may open still works.
+/// file that only root may open still works. A file output can be reopened (`reopen`).
 pub fn open_output(cfg: &LoggingConfig) -> std::io::Result<Box<dyn Write + Send>> {
     Ok(match &cfg.file_path {
-        Some(path) => Box::new(open_log_file(path)?),
+        Some(path) => {
+            let file = Arc::new(Mutex::new(open_log_file(path)?));
+            *WORKER_FILE.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((path.clone(), file.clone()));
+            Box::new(SharedFile(file))
+        }
         None => Box::new(Stderr),
     })
+}
+
+/// The log file of this worker, shared with its logger thread so that USR1 can swap it.
+static WORKER_FILE: Mutex<Option<(String, Arc<Mutex<File>>)>> = Mutex::new(None);
+
+struct SharedFile(Arc<Mutex<File>>);
+
+impl Write for SharedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+/// USR1 in a worker (logrotate): opens the log file's path again. The master has already
+/// reopened it and handed it to the workers' user.
+pub fn reopen() -> std::io::Result<()> {
+    let guard = WORKER_FILE.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((path, file)) = guard.as_ref() else {
+        return Ok(());
+    };
+    log::logger().flush();
+    let fresh = open_log_file(path)?;
+    *file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+    Ok(())
 }
 
 /// Switches this process to ftlog: a background thread, a bounded channel of

@@ -72,12 +72,24 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     Ok(())
 }
 
-/// Returns on QUIT, TERM or INT: a health process has nothing to drain.
+/// Returns on QUIT, TERM or INT: a health process has nothing to drain. USR1 reopens the log.
 async fn wait_for_stop(signals: std::os::unix::net::UnixStream) {
     let Ok(mut signals) = monoio::net::UnixStream::from_std(signals) else {
         return;
     };
-    let (_, _) = signals.read(vec![0u8; 16]).await;
+    loop {
+        let (res, buf) = signals.read(vec![0u8; 16]).await;
+        let n = match res {
+            Ok(n) if n > 0 => n,
+            _ => return,
+        };
+        if buf[..n].iter().any(|&s| i32::from(s) != libc::SIGUSR1) {
+            return;
+        }
+        if let Err(e) = shared::log::reopen() {
+            log::error!("cannot reopen the log file: {e}");
+        }
+    }
 }
 
 async fn watch(

@@ -165,6 +165,13 @@ pub async fn run(
             }
         };
         for &sig in got {
+            if i32::from(sig) == libc::SIGUSR1 {
+                match crate::shared::log::reopen() {
+                    Ok(()) => log::info!("log file reopened"),
+                    Err(e) => log::error!("cannot reopen the log file: {e}"),
+                }
+                continue;
+            }
             if i32::from(sig) != libc::SIGQUIT {
                 log::info!("fast shutdown");
                 super::exit(0);

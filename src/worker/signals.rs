@@ -17,8 +17,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Routes QUIT, TERM and INT to the returned socket; HUP, USR1, USR2 and WINCH are meant
-/// for the master and ignored here (a terminal may send them to the whole process group).
+/// Routes QUIT, TERM, INT and USR1 (reopen the log) to the returned socket; HUP, USR2 and
+/// WINCH are meant for the master and ignored here (a terminal may send them to the whole
+/// process group).
 pub fn install() -> std::io::Result<UnixStream> {
     let (read, write) = UnixStream::pair()?;
     write.set_nonblocking(true)?;
@@ -30,12 +31,16 @@ pub fn install() -> std::io::Result<UnixStream> {
     );
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     unsafe {
-        for s in [Signal::SIGQUIT, Signal::SIGTERM, Signal::SIGINT] {
+        for s in [
+            Signal::SIGQUIT,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGUSR1,
+        ] {
             sigaction(s, &handler)?;
         }
         for s in [
             Signal::SIGHUP,
-            Signal::SIGUSR1,
             Signal::SIGUSR2,
             Signal::SIGWINCH,
             Signal::SIGPIPE,
