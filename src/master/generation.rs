@@ -154,11 +154,13 @@ impl Generations {
         Ok(())
     }
 
-    /// Collects exited workers; respawns those that died unexpectedly.
-    pub fn reap(&mut self) {
+    /// Collects exited workers; respawns those that died unexpectedly. Returns the other
+    /// children that exited (a new master started by a binary upgrade).
+    pub fn reap(&mut self) -> Vec<Pid> {
+        let mut others = Vec::new();
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(WaitStatus::StillAlive) | Err(_) => return others,
                 Ok(s) => s,
             };
             let (pid, how, code) = match status {
@@ -166,8 +168,15 @@ impl Generations {
                 WaitStatus::Signaled(pid, sig, _) => (pid, format!("signal {sig}"), None),
                 _ => continue,
             };
+            if self.find(pid).is_none() {
+                others.push(pid);
+            }
             self.on_exit(pid, &how, code);
         }
+    }
+
+    pub fn groups(&self) -> &[ListenGroup] {
+        &self.env.groups
     }
 
     fn on_exit(&mut self, pid: Pid, how: &str, code: Option<i32>) {
@@ -297,13 +306,16 @@ impl Generations {
         }
     }
 
-    /// SIGQUIT: every generation drains, then the master exits.
-    pub fn drain_all(&mut self, timeout: Duration) {
-        self.stopping = true;
+    /// Every generation drains: SIGQUIT (`last`: the master then exits) or WINCH (the master
+    /// stays, and a reload starts workers again).
+    pub fn drain_all(&mut self, timeout: Duration, last: bool) {
+        self.stopping = last;
         let deadline = Instant::now() + timeout;
         for g in &mut self.list {
-            signal_all(g, Signal::SIGQUIT);
-            g.state = State::Draining(deadline);
+            if !matches!(g.state, State::Draining(_)) {
+                signal_all(g, Signal::SIGQUIT);
+                g.state = State::Draining(deadline);
+            }
         }
         self.list.retain(|g| g.live().next().is_some());
     }

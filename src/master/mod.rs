@@ -10,6 +10,7 @@ mod generation;
 mod listeners;
 mod pidfile;
 mod signals;
+mod upgrade;
 
 use crate::shared::config::{Balancing, Config};
 use crate::shared::shm::Shm;
@@ -43,6 +44,8 @@ impl ConfigSource {
 
 #[derive(Default)]
 struct Flags {
+    upgrade: bool,
+    winch: bool,
     reopen: bool,
     reload: bool,
     quit: bool,
@@ -68,13 +71,26 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
             config.server.listen
         );
     }
-    let workers = shared::worker_count(&config);
-    let shm = Shm::create().context("cannot create the shared-memory region")?;
-    let groups = bind_listeners(&config, workers)?;
+    let (shm, groups) = match upgrade::receive().context("binary upgrade")? {
+        Some((shm, groups)) => {
+            log::info!(
+                "binary upgrade: took over {} listen groups and the shared memory",
+                groups.len()
+            );
+            (shm, groups)
+        }
+        None => {
+            let workers = shared::worker_count(&config);
+            let shm = Shm::create().context("cannot create the shared-memory region")?;
+            (shm, bind_listeners(&config, workers)?)
+        }
+    };
+    let workers = groups[0].sockets.len();
     let pid_file = match &config.server.pid_file {
         Some(p) => Some(pidfile::PidFile::write(Path::new(p))?),
         None => None,
     };
+    notify_systemd();
     log::info!(
         "master {} started: {} workers on {}",
         std::process::id(),
@@ -96,8 +112,15 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
     let mut gens = Generations::new(env);
     gens.start(config.clone())
         .context("cannot start the first generation")?;
-    let result = cycle(&source, config, &mut gens);
-    if let Some(p) = pid_file {
+    let mut up = Upgrade {
+        exe: std::env::current_exe().ok(),
+        args: std::env::args_os().skip(1).collect(),
+        shm,
+        pid_file,
+        child: None,
+    };
+    let result = cycle(&source, config, &mut gens, &mut up);
+    if let Some(p) = up.pid_file {
         p.remove();
     }
     log::info!("master {} exits", std::process::id());
@@ -105,7 +128,22 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
     result
 }
 
-fn cycle(source: &ConfigSource, mut config: Arc<Config>, gens: &mut Generations) -> Result<()> {
+/// What a binary upgrade needs: the binary's path and arguments as started (the file on disk
+/// may since be a new version), the region, the pid file, the new master once started.
+struct Upgrade {
+    exe: Option<std::path::PathBuf>,
+    args: Vec<std::ffi::OsString>,
+    shm: Shm,
+    pid_file: Option<pidfile::PidFile>,
+    child: Option<nix::unistd::Pid>,
+}
+
+fn cycle(
+    source: &ConfigSource,
+    mut config: Arc<Config>,
+    gens: &mut Generations,
+    up: &mut Upgrade,
+) -> Result<()> {
     let mut flags = Flags::default();
     let mut quitting = false;
     loop {
@@ -119,12 +157,36 @@ fn cycle(source: &ConfigSource, mut config: Arc<Config>, gens: &mut Generations)
                 Signal::SIGTERM | Signal::SIGINT => flags.terminate = true,
                 Signal::SIGCHLD => flags.reap = true,
                 Signal::SIGUSR1 => flags.reopen = true,
-                other => log::warn!("{other} received: not supported yet, ignored"),
+                Signal::SIGUSR2 => flags.upgrade = true,
+                Signal::SIGWINCH => flags.winch = true,
+                other => log::warn!("{other} received: ignored"),
             }
         }
 
         if std::mem::take(&mut flags.reap) {
-            gens.reap();
+            for pid in gens.reap() {
+                if up.child == Some(pid) {
+                    up.child = None;
+                    log::error!(
+                        "binary upgrade: the new master (pid {pid}) exited; this master stays"
+                    );
+                    if let (Some(p), Some(path)) = (up.pid_file.as_mut(), &config.server.pid_file) {
+                        p.restore_name(Path::new(path));
+                    }
+                }
+            }
+        }
+        if std::mem::take(&mut flags.upgrade) && !quitting {
+            start_upgrade(up, gens);
+        }
+        if std::mem::take(&mut flags.winch) && !quitting {
+            log::info!(
+                "WINCH: draining this master's workers; the master stays (HUP starts them again)"
+            );
+            gens.drain_all(
+                Duration::from_secs(config.server.shutdown_timeout_secs),
+                false,
+            );
         }
         if std::mem::take(&mut flags.reopen) {
             reopen_logs(&config, gens);
@@ -137,7 +199,10 @@ fn cycle(source: &ConfigSource, mut config: Arc<Config>, gens: &mut Generations)
         if std::mem::take(&mut flags.quit) && !quitting {
             log::info!("graceful shutdown: draining every worker");
             quitting = true;
-            gens.drain_all(Duration::from_secs(config.server.shutdown_timeout_secs));
+            gens.drain_all(
+                Duration::from_secs(config.server.shutdown_timeout_secs),
+                true,
+            );
         }
         if flags.reload && !quitting && !gens.starting() {
             flags.reload = false;
@@ -256,4 +321,50 @@ fn reopen_logs(config: &Config, gens: &Generations) {
     }
     log::info!("USR1: log file reopened; workers reopen theirs");
     gens.signal_children(Signal::SIGUSR1);
+}
+
+/// USR2: start the binary on disk as a new master that takes the listeners and the region.
+fn start_upgrade(up: &mut Upgrade, gens: &Generations) {
+    if let Some(pid) = up.child {
+        log::warn!("USR2: a new master (pid {pid}) is already running");
+        return;
+    }
+    let Some(exe) = up.exe.clone() else {
+        log::error!("USR2: the path of this binary is unknown; no upgrade");
+        return;
+    };
+    if let Some(p) = up.pid_file.as_mut() {
+        p.rename_oldbin();
+    }
+    match upgrade::spawn_new_master(&exe, &up.args, &up.shm, gens.groups()) {
+        Ok(pid) => {
+            log::info!("USR2: new master {pid} started from {}; WINCH then QUIT this one ({}) when it serves", exe.display(), std::process::id());
+            up.child = Some(pid);
+        }
+        Err(e) => log::error!("USR2: binary upgrade failed, this master keeps serving: {e:#}"),
+    }
+}
+
+/// Under systemd (`NOTIFY_SOCKET`), says which process is the main one: after a binary
+/// upgrade, the new master.
+fn notify_systemd() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let message = format!("MAINPID={}\nREADY=1\n", std::process::id());
+    let sent = match path.to_str() {
+        // An abstract socket name starts with `@`.
+        Some(p) if p.starts_with('@') => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(&p.as_bytes()[1..])
+                .and_then(|addr| sock.send_to_addr(message.as_bytes(), &addr))
+        }
+        _ => sock.send_to(message.as_bytes(), path),
+    };
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd: {e}");
+    }
 }

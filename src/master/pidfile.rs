@@ -33,6 +33,27 @@ impl PidFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+
+    /// Binary upgrade: this master's pid file becomes `<path>.oldbin`, as nginx does.
+    pub fn rename_oldbin(&mut self) {
+        let old = oldbin(&self.path);
+        if std::fs::rename(&self.path, &old).is_ok() {
+            self.path = old;
+        }
+    }
+
+    /// The upgrade failed: back to the plain name.
+    pub fn restore_name(&mut self, original: &Path) {
+        if self.path != original && std::fs::rename(&self.path, original).is_ok() {
+            self.path = original.to_path_buf();
+        }
+    }
+}
+
+fn oldbin(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".oldbin");
+    PathBuf::from(s)
 }
 
 pub fn read(path: &Path) -> Result<i32> {

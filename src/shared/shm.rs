@@ -178,6 +178,24 @@ impl Shm {
         Ok(shm)
     }
 
+    /// Maps a region handed over by a previous master (binary upgrade).
+    pub fn open(fd: OwnedFd) -> std::io::Result<Shm> {
+        let shm = Self::map(fd)?;
+        let h = &shm.region.header;
+        if h.magic.load(Relaxed) != MAGIC || h.layout.load(Relaxed) != LAYOUT_VERSION {
+            return Err(std::io::Error::other(
+                "the shared-memory region has another layout version",
+            ));
+        }
+        Ok(shm)
+    }
+
+    /// The memfd, to hand the region on.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self._fd.as_raw_fd()
+    }
+
     fn map(fd: OwnedFd) -> std::io::Result<Shm> {
         let file = File::from(fd.try_clone()?);
         if file.metadata()?.len() < std::mem::size_of::<Region>() as u64 {

@@ -1,0 +1,134 @@
+//! Binary upgrade, the nginx procedure: USR2 starts a new master on the same sockets and
+//! shared memory, WINCH drains the old master's workers, QUIT ends the old master — under load,
+//! losing no request, counters never going back.
+
+mod common;
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn usr2_winch_quit_hands_over_without_losing_a_request() {
+    let mut s = Server::prepare(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\npid_file = \"{dir}/zc.pid\"\nshutdown_timeout_secs = 10\n\n[path_routes.\"127.0.0.1\".\"/\"]\npath = \"{dir}/www\"\n",
+    );
+    s.write_file("www/index.html", b"same content\n");
+    s.spawn();
+    s.wait_ready();
+    let pid_file = s.path("zc.pid");
+    let oldbin = s.path("zc.pid.oldbin");
+    let old = s.pid();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = [true, false]
+        .into_iter()
+        .map(|keep_alive| {
+            let (stop, ok, failures, url) =
+                (stop.clone(), ok.clone(), failures.clone(), s.url("/"));
+            std::thread::spawn(move || {
+                let mut b = ureq::AgentBuilder::new().timeout(Duration::from_secs(10));
+                if !keep_alive {
+                    b = b.max_idle_connections(0);
+                }
+                let agent = b.build();
+                while !stop.load(Ordering::Relaxed) {
+                    match get_with(&agent, &url) {
+                        Ok((200, body)) if body == "same content\n" => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures.lock().unwrap().push(format!("{other:?}")),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
+
+    // USR2: a new master from the binary on disk, on the same sockets.
+    s.signal(libc::SIGUSR2);
+    let read_pid = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || read_pid(&pid_file)
+            .is_some_and(|p| p != old)),
+        "{}",
+        s.log()
+    );
+    let new = read_pid(&pid_file).unwrap();
+    assert_eq!(
+        read_pid(&oldbin),
+        Some(old),
+        "the old master's pid file is renamed .oldbin"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || children_of(new).len() == 2),
+        "{}",
+        s.log()
+    );
+    assert!(
+        s.log()
+            .contains("binary upgrade: took over 1 listen groups and the shared memory"),
+        "{}",
+        s.log()
+    );
+    let old_workers: Vec<i32> = children_of(old).into_iter().filter(|p| *p != new).collect();
+    assert_eq!(old_workers.len(), 2);
+
+    // WINCH: the old workers drain and exit; the old master stays.
+    s.signal(libc::SIGWINCH);
+    assert!(
+        wait_until(Duration::from_secs(10), || old_workers
+            .iter()
+            .all(|p| !alive(*p))),
+        "{}",
+        s.log()
+    );
+    assert!(alive(old));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // QUIT: the old master ends; the new one serves on.
+    s.signal(libc::SIGQUIT);
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0), "{}", s.log());
+    assert!(!oldbin.exists(), "the .oldbin pid file is removed");
+    assert_eq!(read_pid(&pid_file), Some(new));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    let after = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
+    assert!(
+        after >= before + ok.load(Ordering::Relaxed) as f64 * 0.5,
+        "counters went back: {before} then {after}"
+    );
+
+    // The new master answers to -s through the pid file, and stops cleanly.
+    let new_workers = children_of(new);
+    let out = std::process::Command::new(BIN)
+        .args(["-c", s.config_path.to_str().unwrap(), "-s", "stop"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wait_until(Duration::from_secs(10), || !alive(new)
+        && new_workers.iter().all(|p| !alive(*p))));
+}
