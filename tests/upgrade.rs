@@ -132,3 +132,38 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
     assert!(wait_until(Duration::from_secs(10), || !alive(new)
         && new_workers.iter().all(|p| !alive(*p))));
 }
+
+#[test]
+fn a_rejected_upgrade_rolls_back_to_the_old_master() {
+    let mut s = Server::prepare(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 1\npid_file = \"{dir}/zc.pid\"\nshutdown_timeout_secs = 5\n\n[path_routes.\"127.0.0.1\".\"/\"]\npath = \"{dir}/www\"\n",
+    );
+    s.write_file("www/index.html", b"x\n");
+    s.spawn();
+    s.wait_ready();
+    let pid_file = s.path("zc.pid");
+    let read_pid = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+    };
+    let old = s.pid();
+    s.signal(libc::SIGUSR2);
+    assert!(wait_until(Duration::from_secs(10), || read_pid(&pid_file)
+        .is_some_and(|p| p != old)));
+    let new = read_pid(&pid_file).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || children_of(new)
+        .len()
+        == 1));
+    // The operator changes their mind: QUIT to the new master; the old one takes its name back.
+    unsafe { libc::kill(new, libc::SIGQUIT) };
+    assert!(wait_until(Duration::from_secs(10), || !alive(new)));
+    assert!(
+        wait_until(Duration::from_secs(5), || read_pid(&pid_file) == Some(old)),
+        "{}",
+        s.log()
+    );
+    assert!(!s.path("zc.pid.oldbin").exists());
+    assert!(s.log().contains("the new master"), "{}", s.log());
+    assert_eq!(get(&s.url("/")), (200, "x\n".to_string()));
+}
