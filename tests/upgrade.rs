@@ -8,6 +8,38 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Inodes of the sockets listening on `port` (from /proc/net/tcp).
+fn listening_inodes(port: u16) -> std::collections::HashSet<String> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9).map(|s| s.to_string()))?
+        })
+        .collect()
+}
+
+/// How many of those listening sockets `pid` holds.
+fn listeners_held(pid: i32, port: u16) -> usize {
+    let inodes = listening_inodes(port);
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()
+                        .and_then(|s| s.strip_prefix("socket:["))
+                        .map(|s| s.trim_end_matches(']').to_string())
+                })
+                .filter(|i| inodes.contains(i))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn usr2_winch_quit_hands_over_without_losing_a_request() {
     let mut s = Server::prepare(
@@ -81,6 +113,15 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
     );
     let old_workers: Vec<i32> = children_of(old).into_iter().filter(|p| *p != new).collect();
     assert_eq!(old_workers.len(), 2);
+    // Every process holds exactly the listeners it knows of: the masters all of them, each
+    // worker its own.
+    assert_eq!(listeners_held(new, s.port), 2, "new master");
+    for w in children_of(new)
+        .into_iter()
+        .chain(old_workers.iter().copied())
+    {
+        assert_eq!(listeners_held(w, s.port), 1, "worker {w}");
+    }
 
     // WINCH: the old workers drain and exit; the old master stays.
     s.signal(libc::SIGWINCH);

@@ -40,9 +40,18 @@ pub fn spawn_new_master(
     let child_fd = theirs.as_raw_fd();
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args).env(ENV, child_fd.to_string());
+    // The listeners are not close-on-exec (workers inherit them by fork): the new master gets
+    // them through the socket only, so that each process knows every descriptor it holds.
+    let inherited: Vec<RawFd> = groups
+        .iter()
+        .flat_map(|g| g.sockets.iter().map(|s| s.as_raw_fd()))
+        .collect();
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
+            for fd in &inherited {
+                libc::close(*fd);
+            }
             // Keep the socket across exec; the signal mask the master blocked is reset too.
             let flags = libc::fcntl(child_fd, libc::F_GETFD);
             libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
