@@ -265,3 +265,25 @@ wait $pid
         read("server.log")
     );
 }
+
+#[test]
+fn a_first_generation_that_cannot_start_ends_the_master_with_an_error() {
+    // Validation passes (the path exists) but no worker can read it: the worker fails to
+    // build its routes, and a master with no generation left exits non-zero.
+    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 1\n\n[path_routes.\"*\".\"/m\"]\npath = \"/proc/1/mem\"\nmode = \"memory\"\n");
+    let out = Command::new("timeout")
+        .args(["30", BIN, "-c", s.config_path.to_str().unwrap()])
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot build the routes: /proc/1/mem"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no generation of workers is left to serve"),
+        "{err}"
+    );
+}

@@ -233,17 +233,22 @@ impl Generations {
         })
     }
 
-    /// Kills a generation that could not start; the active one keeps serving.
+    /// Kills a generation that could not start; the active one, if any, keeps serving.
     fn abort_starting(&mut self) {
+        let previous = self.list.iter().any(|g| g.state == State::Active);
         for g in self
             .list
             .iter_mut()
             .filter(|g| matches!(g.state, State::Starting(_)))
         {
-            log::error!(
-                "generation {}: start aborted, the previous generation keeps serving",
-                g.id
-            );
+            if previous {
+                log::error!(
+                    "generation {}: start aborted, the previous generation keeps serving",
+                    g.id
+                );
+            } else {
+                log::error!("generation {}: start aborted", g.id);
+            }
             signal_all(g, Signal::SIGKILL);
             g.state = State::Draining(Instant::now());
         }

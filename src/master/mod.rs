@@ -146,6 +146,8 @@ fn cycle(
 ) -> Result<()> {
     let mut flags = Flags::default();
     let mut quitting = false;
+    // After WINCH: no workers, on purpose, until a HUP.
+    let mut parked = false;
     loop {
         // Take every pending signal before acting, so a burst becomes one set of flags.
         let mut timeout = TICK;
@@ -187,6 +189,7 @@ fn cycle(
                 Duration::from_secs(config.server.shutdown_timeout_secs),
                 false,
             );
+            parked = true;
         }
         if std::mem::take(&mut flags.reopen) {
             reopen_logs(&config, gens);
@@ -208,7 +211,10 @@ fn cycle(
             flags.reload = false;
             if let Some(new) = reload(source, &config) {
                 match gens.start(new.clone()) {
-                    Ok(()) => config = new,
+                    Ok(()) => {
+                        config = new;
+                        parked = false;
+                    }
                     Err(e) => {
                         log::error!("reload failed, the running generation keeps serving: {e:#}")
                     }
@@ -224,6 +230,10 @@ fn cycle(
         }
         if quitting && gens.is_empty() {
             return Ok(());
+        }
+        if gens.is_empty() && !parked {
+            // The first generation could not start: a master without workers serves nobody.
+            bail!("no generation of workers is left to serve (see the errors above)");
         }
     }
 }
