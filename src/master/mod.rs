@@ -77,6 +77,17 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
                 "binary upgrade: took over {} listen groups and the shared memory",
                 groups.len()
             );
+            let configured =
+                std::iter::once(&config.server.listen).chain(config.server.http_listen.as_ref());
+            for (want, group) in configured.zip(&groups) {
+                if want.parse::<SocketAddr>().ok() != Some(group.addr) {
+                    log::warn!(
+                        "binary upgrade: the config listens on {want}, the inherited socket on {}; \
+                         the inherited one is kept (restart to change it)",
+                        group.addr
+                    );
+                }
+            }
             (shm, groups)
         }
         None => {
