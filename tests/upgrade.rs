@@ -8,6 +8,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Kills a master started by the upgrade, and its workers, if a test ends before it does.
+struct Reap(i32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in children_of(self.0).into_iter().chain([self.0]) {
+            if alive(pid) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// Inodes of the sockets listening on `port` (from /proc/net/tcp).
 fn listening_inodes(port: u16) -> std::collections::HashSet<String> {
     let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
@@ -95,6 +108,7 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
         s.log()
     );
     let new = read_pid(&pid_file).unwrap();
+    let _reap = Reap(new);
     assert_eq!(
         read_pid(&oldbin),
         Some(old),
@@ -193,6 +207,7 @@ fn a_rejected_upgrade_rolls_back_to_the_old_master() {
     assert!(wait_until(Duration::from_secs(10), || read_pid(&pid_file)
         .is_some_and(|p| p != old)));
     let new = read_pid(&pid_file).unwrap();
+    let _reap = Reap(new);
     assert!(wait_until(Duration::from_secs(10), || children_of(new)
         .len()
         == 1));
