@@ -4,8 +4,6 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -76,30 +74,12 @@ fn slow_download(s: &Server, pace: Duration) -> thread::JoinHandle<Vec<u8>> {
 #[test]
 fn ten_reloads_under_load_lose_no_request() {
     let s = start();
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut clients = Vec::new();
-    for keep_alive in [true, true, false, false] {
-        let (stop, ok, failures, url) =
-            (stop.clone(), ok.clone(), failures.clone(), s.url("/common"));
-        clients.push(thread::spawn(move || {
-            let mut builder = ureq::AgentBuilder::new().timeout(Duration::from_secs(10));
-            if !keep_alive {
-                builder = builder.max_idle_connections(0);
-            }
-            let agent = builder.build();
-            while !stop.load(Ordering::Relaxed) {
-                match get_with(&agent, &url) {
-                    Ok((200, body)) if body == "common\n" => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => failures.lock().unwrap().push(format!("{other:?}")),
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-        }));
-    }
+    let load = Load::start(
+        s.url("/common"),
+        None,
+        Some("common\n"),
+        &[true, true, false, false],
+    );
     let download = slow_download(&s, Duration::from_millis(40));
     let metrics_before = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
 
@@ -134,24 +114,19 @@ fn ten_reloads_under_load_lose_no_request() {
             "old workers {pids:?} still alive {SHUTDOWN_TIMEOUT}s after the reload"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
+    let (ok, failures) = load.finish();
     let body = download.join().unwrap();
     assert!(
         body == pattern(BIG, 7),
         "the download that spanned the reloads is not byte-exact"
     );
 
-    let failures = failures.lock().unwrap();
     assert!(
         failures.is_empty(),
         "{} failed requests: {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    let ok = ok.load(Ordering::Relaxed);
     assert!(ok > 500, "only {ok} requests made");
     assert_eq!(
         s.workers().len(),

@@ -19,6 +19,23 @@ fn write_cert(s: &Server) -> std::path::PathBuf {
     s.write_file("ca.pem", p.ca_pem.as_bytes())
 }
 
+/// curl to the TLS listener as `backend.test`, verifying against `ca`.
+fn curl_https(s: &Server, ca: &std::path::Path) -> std::process::Output {
+    Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+        ])
+        .arg(format!("backend.test:{}:127.0.0.1", s.port))
+        .arg(format!("https://backend.test:{}/", s.port))
+        .output()
+        .unwrap()
+}
+
 fn tls_client(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
@@ -92,17 +109,7 @@ fn start() -> (Server, std::path::PathBuf, u16) {
 fn https_and_plain_listeners_serve_the_same_routes() {
     let (s, ca, http_port) = start();
     // curl, verifying the certificate against the CA.
-    let out = Command::new("curl")
-        .args([
-            "-sS",
-            "--cacert",
-            ca.to_str().unwrap(),
-            "--resolve",
-            &format!("backend.test:{}:127.0.0.1", s.port),
-            &format!("https://backend.test:{}/", s.port),
-        ])
-        .output()
-        .unwrap();
+    let out = curl_https(&s, &ca);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "secure hello\n",
@@ -182,17 +189,7 @@ fn a_reload_picks_up_a_new_certificate() {
     assert_ne!(std::fs::read(&new_ca).unwrap(), old_ca);
     s.signal(libc::SIGHUP);
     let works = wait_until(Duration::from_secs(10), || {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--cacert",
-                new_ca.to_str().unwrap(),
-                "--resolve",
-                &format!("backend.test:{}:127.0.0.1", s.port),
-                &format!("https://backend.test:{}/", s.port),
-            ])
-            .output()
-            .unwrap();
+        let out = curl_https(&s, &new_ca);
         String::from_utf8_lossy(&out.stdout) == "secure hello\n"
     });
     assert!(works, "{}", s.log());
@@ -222,19 +219,7 @@ fn ktls_falls_back_or_refuses_as_configured() {
             "{}",
             s.log()
         );
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "--max-time",
-                "5",
-                "--cacert",
-                ca.to_str().unwrap(),
-                "--resolve",
-                &format!("backend.test:{}:127.0.0.1", s.port),
-                &format!("https://backend.test:{}/", s.port),
-            ])
-            .output()
-            .unwrap();
+        let out = curl_https(&s, &ca);
         let body = String::from_utf8_lossy(&out.stdout);
         if fallback {
             assert_eq!(

@@ -4,8 +4,6 @@
 
 mod common;
 use common::*;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Kills a master started by the upgrade, and its workers, if a test ends before it does.
@@ -65,32 +63,7 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
     let oldbin = s.path("zc.pid.oldbin");
     let old = s.pid();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<_> = [true, false]
-        .into_iter()
-        .map(|keep_alive| {
-            let (stop, ok, failures, url) =
-                (stop.clone(), ok.clone(), failures.clone(), s.url("/"));
-            std::thread::spawn(move || {
-                let mut b = ureq::AgentBuilder::new().timeout(Duration::from_secs(10));
-                if !keep_alive {
-                    b = b.max_idle_connections(0);
-                }
-                let agent = b.build();
-                while !stop.load(Ordering::Relaxed) {
-                    match get_with(&agent, &url) {
-                        Ok((200, body)) if body == "same content\n" => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => failures.lock().unwrap().push(format!("{other:?}")),
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(s.url("/"), None, Some("same content\n"), &[true, false]);
     std::thread::sleep(Duration::from_millis(300));
     let before = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
 
@@ -155,21 +128,17 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
     assert!(!oldbin.exists(), "the .oldbin pid file is removed");
     assert_eq!(read_pid(&pid_file), Some(new));
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
+    let (ok, failures) = load.finish();
     assert!(
         failures.is_empty(),
         "{} failed requests: {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    assert!(ok.load(Ordering::Relaxed) > 100);
+    assert!(ok > 100);
     let after = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
     assert!(
-        after >= before + ok.load(Ordering::Relaxed) as f64 * 0.5,
+        after >= before + ok as f64 * 0.5,
         "counters went back: {before} then {after}"
     );
 

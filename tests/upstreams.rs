@@ -6,8 +6,7 @@ use common::*;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 fn pool_config(algorithm: &str, backends: &[&Backend], extra: &str) -> String {
@@ -160,35 +159,7 @@ fn a_killed_server_causes_no_client_error_and_health_checks_follow_it() {
         &[&label]
     ) == 1.0));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(Mutex::new(Vec::new()));
-    let load: Vec<_> = (0..4)
-        .map(|i| {
-            let (stop, ok, errors, url) =
-                (stop.clone(), ok.clone(), errors.clone(), s.url("/load"));
-            std::thread::spawn(move || {
-                let mut b = ureq::AgentBuilder::new().timeout(Duration::from_secs(10));
-                if i % 2 == 1 {
-                    b = b.max_idle_connections(0);
-                }
-                let agent = b.build();
-                while !stop.load(Ordering::Relaxed) {
-                    match agent.get(&url).set("Host", "t").call() {
-                        Ok(r) if r.status() == 200 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("status {}", r.status())),
-                        Err(e) => errors.lock().unwrap().push(e.to_string()),
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(s.url("/load"), Some("t"), None, &[true, false, true, false]);
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     victim.stop();
@@ -210,18 +181,14 @@ fn a_killed_server_causes_no_client_error_and_health_checks_follow_it() {
         0.0
     );
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    for t in load {
-        t.join().unwrap();
-    }
-    let errors = errors.lock().unwrap();
+    let (ok, errors) = load.finish();
     assert!(
         errors.is_empty(),
         "{} client errors after the kill: {:?}",
         errors.len(),
         &errors[..errors.len().min(5)]
     );
-    assert!(ok.load(Ordering::Relaxed) > 200);
+    assert!(ok > 200);
     // Until the checks caught up, requests that met the dead server failed over: counted.
     assert!(
         metric(

@@ -351,6 +351,13 @@ impl UpstreamServer {
             UpstreamServer::Detailed(d) => &d.url,
         }
     }
+
+    pub fn sni_name(&self) -> Option<&str> {
+        match self {
+            UpstreamServer::Url(_) => None,
+            UpstreamServer::Detailed(d) => d.sni_name.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -68,3 +68,19 @@ pub fn worker_count(c: &Config) -> usize {
         c.server.threads
     }
 }
+
+/// FNV-1a: a hash that is the same in every process and across restarts (balancing and
+/// rate-limit keys in shared memory must agree between workers).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The octets of an address, as hashed for client keys.
+pub fn ip_octets(ip: std::net::IpAddr) -> Vec<u8> {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}

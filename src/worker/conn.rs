@@ -47,6 +47,19 @@ enum Head {
     Error(u16),
 }
 
+impl<S> Conn<S> {
+    /// The client's address, an IPv4-mapped IPv6 address as the IPv4 address it is: what
+    /// access lists, balancing and rate limits compare.
+    pub fn client_ip(&self) -> std::net::IpAddr {
+        match self.peer.ip() {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            v4 => v4,
+        }
+    }
+}
+
 pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr) {
     let mut conn = Conn {
         stream,
@@ -220,7 +233,7 @@ async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Inco
             return finish(ctx, conn, Response::error(413), false, Some(sec), meta).await;
         }
     }
-    if let Some(r) = handlers::refuse(&req, m.route, conn.peer, ctx.region) {
+    if let Some(r) = handlers::refuse(&req, m.route, conn.client_ip(), ctx.region) {
         return respond_after_body(ctx, conn, &req, framing, r, keep, Some(sec), meta).await;
     }
     if let Handler::Proxy(p) = &m.route.handler {

@@ -7,20 +7,11 @@ use super::respond::{Body, Response};
 use super::router::{FileRoute, Handler, Matched, RedirectRoute, RouteEntry};
 use crate::shared::shm::Region;
 use bytes::Bytes;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 /// Access checks of the route's `security` table, in the spec's order: IP (deny first), then
 /// method, then the rate limit. `None`: allowed.
-pub fn refuse(
-    req: &Request,
-    route: &RouteEntry,
-    peer: SocketAddr,
-    region: &Region,
-) -> Option<Response> {
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+pub fn refuse(req: &Request, route: &RouteEntry, ip: IpAddr, region: &Region) -> Option<Response> {
     let denied = route.denied.iter().any(|n| n.contains(&ip));
     let allowed = route.allowed.is_empty() || route.allowed.iter().any(|n| n.contains(&ip));
     if denied || !allowed {
@@ -51,18 +42,11 @@ pub fn refuse(
 
 /// The rate limiter's key: the route (by its config key, stable over reloads) and the client.
 fn rate_key(route: &str, ip: IpAddr) -> u64 {
-    let ip_bytes = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    let h = route
+    let bytes = route
         .bytes()
         .chain([0u8])
-        .chain(ip_bytes)
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    h | 1
+        .chain(crate::shared::ip_octets(ip));
+    crate::shared::fnv1a(bytes) | 1
 }
 
 pub fn handle(req: &Request, m: &Matched) -> Response {

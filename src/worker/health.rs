@@ -9,7 +9,7 @@
 
 use super::proxy::backend::{self, Target};
 use super::proxy::relay;
-use crate::shared::config::{backend_key, HealthCheck, UpstreamServer};
+use crate::shared::config::{backend_key, HealthCheck};
 use crate::shared::shm::Region;
 use crate::shared::{self, WorkerStart};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -48,10 +48,7 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     for (name, up) in &config.upstreams {
         let Some(hc) = &up.health_check else { continue };
         for s in &up.servers {
-            let (url, sni) = match s {
-                UpstreamServer::Url(u) => (u.as_str(), None),
-                UpstreamServer::Detailed(d) => (d.url.as_str(), d.sni_name.as_deref()),
-            };
+            let (url, sni) = (s.url(), s.sni_name());
             let Some(index) = start.shm.header.find_backend(&backend_key(name, url)) else {
                 continue;
             };

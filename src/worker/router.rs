@@ -201,12 +201,7 @@ fn build_upstreams(
     for (name, up) in &config.upstreams {
         let mut servers = Vec::new();
         for s in &up.servers {
-            let (url, sni) = match s {
-                crate::shared::config::UpstreamServer::Url(u) => (u.as_str(), None),
-                crate::shared::config::UpstreamServer::Detailed(d) => {
-                    (d.url.as_str(), d.sni_name.as_deref())
-                }
-            };
+            let (url, sni) = (s.url(), s.sni_name());
             let backend = region.header.find_backend(&backend_key(name, url));
             let target = Target::new(url, sni, up.ca_file.as_deref(), backend)
                 .map_err(|e| format!("upstream `{name}`: {e}"))?;

@@ -420,3 +420,81 @@ pub fn ws_echo_server() -> u16 {
     });
     port
 }
+
+/// Steady client load for reload, upgrade and failover tests: one thread per entry of
+/// `keep_alive` (a pooled agent, or a new connection per request), a request every 5 ms, each
+/// answer checked (status 200, and the body if `expect` is given).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        url: String,
+        host: Option<&str>,
+        expect: Option<&str>,
+        keep_alive: &[bool],
+    ) -> Load {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop: std::sync::Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let ok: std::sync::Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let failures: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let threads = keep_alive
+            .iter()
+            .map(|&keep| {
+                let (stop, ok, failures, url) =
+                    (stop.clone(), ok.clone(), failures.clone(), url.clone());
+                let (host, expect) = (host.map(str::to_string), expect.map(str::to_string));
+                std::thread::spawn(move || {
+                    let mut b = ureq::AgentBuilder::new().timeout(Duration::from_secs(10));
+                    if !keep {
+                        b = b.max_idle_connections(0);
+                    }
+                    let agent = b.build();
+                    while !stop.load(Relaxed) {
+                        let mut req = agent.get(&url);
+                        if let Some(h) = &host {
+                            req = req.set("Host", h);
+                        }
+                        let answer = match req.call() {
+                            Ok(r) => (r.status(), r.into_string().map_err(|e| e.to_string())),
+                            Err(ureq::Error::Status(code, _)) => (code, Ok(String::new())),
+                            Err(e) => (0, Err(e.to_string())),
+                        };
+                        match answer {
+                            (200, Ok(body)) if expect.as_deref().is_none_or(|e| e == body) => {
+                                ok.fetch_add(1, Relaxed);
+                            }
+                            other => failures.lock().unwrap().push(format!("{other:?}")),
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the clients; returns (answered correctly, failures).
+    pub fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let ok = self.ok.load(std::sync::atomic::Ordering::Relaxed);
+        let failures = std::mem::take(&mut *self.failures.lock().unwrap());
+        (ok, failures)
+    }
+}

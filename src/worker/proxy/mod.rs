@@ -122,7 +122,7 @@ pub async fn forward<S: ClientStream>(
     meta: Meta,
 ) -> bool {
     let sec = &m.route.security;
-    let client_ip = client_ip(conn);
+    let client_ip = conn.client_ip();
     let candidates = route.upstream.candidates(ctx.region, client_ip);
     if candidates.is_empty() {
         log::warn!("upstream `{}`: no healthy server", route.upstream.name);
@@ -251,13 +251,6 @@ fn record(ctx: &Ctx, meta: &Meta, status: u16, request_bytes: u64, response_byte
         request_bytes,
         response_bytes,
     });
-}
-
-fn client_ip<S: ClientStream>(conn: &Conn<S>) -> IpAddr {
-    match conn.peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// A connection to the first candidate that accepts one: an idle pooled connection if there

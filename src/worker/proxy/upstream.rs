@@ -60,16 +60,8 @@ impl Upstream {
     }
 }
 
-/// FNV-1a over the address bytes: stable across processes and restarts.
+/// Stable across processes and restarts. `client` is already normalized (IPv4-mapped
+/// addresses as IPv4, `Conn::client_ip`).
 fn hash_ip(ip: IpAddr) -> u64 {
-    let bytes: Vec<u8> = match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.octets().to_vec(),
-            None => v6.octets().to_vec(),
-        },
-    };
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::shared::fnv1a(crate::shared::ip_octets(ip))
 }
