@@ -245,6 +245,19 @@ pub struct RouteSecurity {
     pub client_body_timeout_secs: u64,
     #[serde(default = "ten")]
     pub backend_connect_timeout_secs: u64,
+    /// Between two successful writes to the client (nginx's `send_timeout`).
+    #[serde(default = "sixty")]
+    pub send_timeout_secs: u64,
+    /// Between two reads from the backend, the response head included
+    /// (`proxy_read_timeout`).
+    #[serde(default = "sixty")]
+    pub backend_read_timeout_secs: u64,
+    /// Between two writes to the backend (`proxy_send_timeout`).
+    #[serde(default = "sixty")]
+    pub backend_send_timeout_secs: u64,
+    /// A WebSocket tunnel with no byte in either direction for this long is closed.
+    #[serde(default = "hour")]
+    pub websocket_idle_timeout_secs: u64,
     #[serde(default)]
     pub allowed_methods: Vec<String>,
     #[serde(default)]
@@ -292,6 +305,12 @@ fn thirty() -> u64 {
 }
 fn ten() -> u64 {
     10
+}
+fn sixty() -> u64 {
+    60
+}
+fn hour() -> u64 {
+    3600
 }
 fn eight() -> usize {
     8

@@ -326,16 +326,30 @@ fn validate_server(c: &Config, e: &mut Errors) {
     if c.server.threads > max_workers {
         e.add("server.threads", format!("at most {max_workers} workers"));
     }
-    if c.server.keepalive_timeout_secs == 0 {
-        e.add("server.keepalive_timeout_secs", "must be at least 1");
-    }
-    if c.server.client_header_timeout_secs == 0 {
-        e.add("server.client_header_timeout_secs", "must be at least 1");
+    for (name, v) in [
+        ("keepalive_timeout_secs", c.server.keepalive_timeout_secs),
+        (
+            "client_header_timeout_secs",
+            c.server.client_header_timeout_secs,
+        ),
+        ("shutdown_timeout_secs", c.server.shutdown_timeout_secs),
+    ] {
+        if v == 0 && name != "shutdown_timeout_secs" {
+            e.add(format!("server.{name}"), "must be at least 1");
+        } else if v > MAX_TIMEOUT {
+            e.add(
+                format!("server.{name}"),
+                format!("must be at most {MAX_TIMEOUT} (a year)"),
+            );
+        }
     }
     if let Some(pid) = &c.server.pid_file {
         check_parent_dir(pid, "server.pid_file", e);
     }
 }
+
+/// Timeouts become deadlines (`Instant + Duration`): a bound keeps them from overflowing.
+const MAX_TIMEOUT: u64 = 365 * 24 * 3600;
 
 fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
     if super::log::parse_level(&l.level).is_none() {
@@ -571,10 +585,19 @@ fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
             "idle_connection_timeout_secs",
             s.idle_connection_timeout_secs,
         ),
+        ("send_timeout_secs", s.send_timeout_secs),
+        ("backend_read_timeout_secs", s.backend_read_timeout_secs),
+        ("backend_send_timeout_secs", s.backend_send_timeout_secs),
+        ("websocket_idle_timeout_secs", s.websocket_idle_timeout_secs),
         ("websocket_poll_timeout_ms", s.websocket_poll_timeout_ms),
     ] {
         if v == 0 {
             e.add(format!("{key}.{name}"), "must be at least 1");
+        } else if v > MAX_TIMEOUT {
+            e.add(
+                format!("{key}.{name}"),
+                format!("must be at most {MAX_TIMEOUT} (a year)"),
+            );
         }
     }
     if s.websocket_poll_max_timeout_ms < s.websocket_poll_timeout_ms {

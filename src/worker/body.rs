@@ -1,11 +1,11 @@
 //! Request bodies, read as they arrive: the bytes already buffered after the head first, then
-//! the socket, one bounded piece at a time, with the route's body timeout on every read.
+//! the socket, one bounded piece at a time. The socket's own deadline bounds each read (the
+//! owner sets `client_body_timeout_secs` or the backend read timeout before reading).
 
 use super::chunked::{ChunkError, ChunkedDecoder};
 use super::http::Framing;
 use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
-use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyError {
@@ -13,7 +13,7 @@ pub enum BodyError {
     Invalid,
     /// Past `max_chunked_body_size`: 413.
     TooLarge,
-    /// No byte within `client_body_timeout_secs`: 408.
+    /// No byte within the read deadline: 408 from a client.
     Timeout,
     /// The client went away.
     Closed,
@@ -35,21 +35,19 @@ pub struct BodyReader {
     /// Bytes of a Content-Length body still to come.
     remaining: u64,
     chunked: Option<ChunkedDecoder>,
-    timeout: Duration,
 }
 
 /// Largest piece handed out at once.
 const PIECE: usize = 64 * 1024;
 
 impl BodyReader {
-    pub fn new(framing: Framing, max_chunked: u64, timeout: Duration) -> Self {
+    pub fn new(framing: Framing, max_chunked: u64) -> Self {
         BodyReader {
             remaining: match framing {
                 Framing::Length(n) => n,
                 _ => 0,
             },
             chunked: (framing == Framing::Chunked).then(|| ChunkedDecoder::new(max_chunked)),
-            timeout,
         }
     }
 
@@ -126,10 +124,10 @@ impl BodyReader {
         stream: &mut S,
         into: T,
     ) -> Result<(usize, T), BodyError> {
-        match monoio::time::timeout(self.timeout, stream.read(into)).await {
-            Err(_) => Err(BodyError::Timeout),
-            Ok((Ok(0), _)) | Ok((Err(_), _)) => Err(BodyError::Closed),
-            Ok((Ok(n), back)) => Ok((n, back)),
+        match stream.read(into).await {
+            (Err(e), _) if super::timed::is_timeout(&e) => Err(BodyError::Timeout),
+            (Ok(0), _) | (Err(_), _) => Err(BodyError::Closed),
+            (Ok(n), back) => Ok((n, back)),
         }
     }
 }

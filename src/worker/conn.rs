@@ -11,14 +11,14 @@ use super::recorder::Outcome;
 use super::respond::{self, Response};
 use super::router::{Handler, RouteEntry};
 use super::server::Ctx;
+use super::timed::{self, Deadlines, Limit};
 use crate::shared::config::RouteSecurity;
 use monoio::buf::IoBufMut;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 const HEAD_BUF: usize = 4096;
-/// While draining, how long a just-accepted connection may take to send its request.
-const DRAIN_GRACE: Duration = Duration::from_secs(1);
 
 pub struct Conn<S> {
     pub stream: S,
@@ -27,8 +27,11 @@ pub struct Conn<S> {
     /// Bytes read and not yet used: the head being read, then what follows it.
     pub buf: Vec<u8>,
     pub peer: SocketAddr,
-    /// Set when a WebSocket upgrade succeeded: the connection becomes a tunnel.
-    pub tunnel: Option<TunnelParts>,
+    /// Set when a WebSocket upgrade succeeded: the connection becomes a tunnel, idle for
+    /// at most this long.
+    pub tunnel: Option<(TunnelParts, Duration)>,
+    /// The deadlines of the client socket, set phase by phase.
+    pub limits: Rc<Deadlines>,
 }
 
 /// A request head and how it arrived.
@@ -41,7 +44,7 @@ struct Incoming {
 
 enum Head {
     Request(Incoming),
-    /// The peer closed, the idle timeout passed, or the worker drains: close quietly.
+    /// The peer closed, or no request came in time: close quietly.
     Close,
     /// Answer with this status and close.
     Error(u16),
@@ -60,13 +63,14 @@ impl<S> Conn<S> {
     }
 }
 
-pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr) {
+pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr, limits: Rc<Deadlines>) {
     let mut conn = Conn {
         stream,
         linger: false,
         buf: Vec::with_capacity(HEAD_BUF),
         peer,
         tunnel: None,
+        limits,
     };
     let mut fresh = true;
     loop {
@@ -82,9 +86,9 @@ pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr) {
                 false
             }
         };
-        if let Some(parts) = conn.tunnel.take() {
+        if let Some((parts, idle)) = conn.tunnel.take() {
             let early = std::mem::take(&mut conn.buf);
-            return tunnel::run(ctx, conn.stream, early, parts).await;
+            return tunnel::run(ctx, conn.stream, &conn.limits, early, parts, idle).await;
         }
         if !keep {
             if conn.linger {
@@ -99,20 +103,32 @@ pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr) {
     }
 }
 
-/// `fresh`: no request has been read on this connection yet.
+/// `fresh`: no request has been read on this connection yet; its head's deadline was set
+/// when it was accepted.
 async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) -> Head {
     let limit = ctx.max_head;
     let mut started = None;
+    if !fresh {
+        // Between requests: nginx's keepalive_timeout. Draining does not cut this wait short,
+        // since the client may be sending already; the drain's own deadline bounds it.
+        conn.limits.set_read(Limit::Each(ctx.keepalive));
+    }
     loop {
         if !conn.buf.is_empty() {
-            let first = *started.get_or_insert_with(Instant::now);
+            if started.is_none() {
+                let now = Instant::now();
+                started = Some(now);
+                if !fresh {
+                    conn.limits.set_read(Limit::By(now + ctx.head_timeout));
+                }
+            }
             match http::parse(&conn.buf) {
                 Parse::Complete(req, n) => {
                     conn.buf.drain(..n);
                     return Head::Request(Incoming {
                         req,
                         head_len: n,
-                        started: first,
+                        started: started.unwrap_or_else(Instant::now),
                     });
                 }
                 Parse::Invalid(why) => {
@@ -133,40 +149,12 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
         }
         let (len, cap) = (conn.buf.len(), conn.buf.capacity().min(limit + 1));
         let owned = std::mem::take(&mut conn.buf).slice_mut(len..cap.max(len + 1));
-        let stream = &mut conn.stream;
-        let result = if !idle {
-            let until = started.unwrap_or_else(Instant::now) + ctx.head_timeout;
-            monoio::time::timeout_at(until.into(), stream.read(owned)).await
-        } else if ctx.draining.get() {
-            if !fresh {
-                // Between requests of a kept-alive connection: the client retries elsewhere.
-                return Head::Close;
-            }
-            // Accepted as draining began: its request is normally already on the way.
-            monoio::time::timeout(DRAIN_GRACE, stream.read(owned)).await
-        } else {
-            // Waiting for a request: the one read that draining may interrupt.
-            let wait = if fresh {
-                ctx.head_timeout
-            } else {
-                ctx.keepalive
-            };
-            match monoio::time::timeout(wait, stream.idle_read(owned, ctx)).await {
-                Ok((res, Some(slice))) => Ok((res, slice)),
-                // Abandoned by draining (TLS): nothing was read.
-                Ok((_, None)) => return Head::Close,
-                Err(e) => Err(e),
-            }
-        };
-        let Ok((res, slice)) = result else {
-            return if idle { Head::Close } else { Head::Error(408) };
-        };
+        let (res, slice) = conn.stream.read(owned).await;
         conn.buf = slice.into_inner();
         match res {
             Ok(0) => return Head::Close,
             Ok(_) => {}
-            // Cancelled by draining with nothing read: decide again, now draining.
-            Err(_) if idle && ctx.draining.get() => {}
+            Err(e) if timed::is_timeout(&e) && !idle => return Head::Error(408),
             Err(_) => return Head::Close,
         }
     }
@@ -220,6 +208,8 @@ async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Inco
     };
     log::trace!("{} {} {path} -> {}", req.method, meta.host, m.route.name);
     let sec = &m.route.security;
+    conn.limits
+        .set_write(Limit::Each(Duration::from_secs(sec.send_timeout_secs)));
     // The route is known only now: its own head limits apply from here.
     if head_len as u64 > sec.max_request_header_size {
         return finish(ctx, conn, Response::error(431), false, Some(sec), meta).await;
@@ -266,13 +256,11 @@ async fn respond_after_body<S: ClientStream>(
     if req.expects_continue() && respond::send_continue(&mut conn.stream).await.is_err() {
         return false;
     }
-    let defaults = RouteSecurity::default();
-    let limits = sec.unwrap_or(&defaults);
-    let mut reader = BodyReader::new(
-        framing,
-        limits.max_chunked_body_size,
-        Duration::from_secs(limits.client_body_timeout_secs),
-    );
+    let limits = sec.unwrap_or(&ctx.default_security);
+    conn.limits.set_read(Limit::Each(Duration::from_secs(
+        limits.client_body_timeout_secs,
+    )));
+    let mut reader = BodyReader::new(framing, limits.max_chunked_body_size);
     let mut scratch = ctx.take_buf();
     let result = body::discard(&mut reader, &mut conn.stream, &mut conn.buf, &mut scratch).await;
     ctx.give_buf(scratch);
@@ -381,20 +369,22 @@ async fn linger<S: ClientStream>(conn: &mut Conn<S>) {
     let Some(fd) = conn.stream.raw_fd() else {
         return;
     };
+    // SAFETY: a plain shutdown(2) on a socket this connection owns.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     let deadline = Instant::now() + LINGER_TOTAL;
     let mut buf = std::mem::take(&mut conn.buf);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let now = Instant::now();
+        if now >= deadline {
             return;
         }
+        conn.limits
+            .set_read(Limit::By(deadline.min(now + LINGER_IDLE)));
         buf.clear();
         buf.reserve(HEAD_BUF);
         let cap = buf.capacity();
-        let read = conn.stream.read(buf.slice_mut(0..cap));
-        match monoio::time::timeout(left.min(LINGER_IDLE), read).await {
-            Ok((Ok(n), back)) if n > 0 => buf = back.into_inner(),
+        match conn.stream.read(buf.slice_mut(0..cap)).await {
+            (Ok(n), back) if n > 0 => buf = back.into_inner(),
             _ => return,
         }
     }

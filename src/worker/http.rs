@@ -356,7 +356,8 @@ pub struct ResponseHead {
     pub status: u16,
     /// The reason phrase to send, when not the standard one (a backend's own).
     pub reason: Option<String>,
-    pub headers: Vec<(String, String)>,
+    /// Values are bytes: a backend's obs-text (0x80–0xFF) passes through unchanged.
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 impl ResponseHead {
@@ -377,13 +378,13 @@ impl ResponseHead {
         self
     }
 
-    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+    pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
         self.set(name, value);
         self
     }
 
     /// Sets `name`, replacing any value it had.
-    pub fn set(&mut self, name: &str, value: impl Into<String>) {
+    pub fn set(&mut self, name: &str, value: impl Into<Vec<u8>>) {
         self.remove(name);
         self.headers.push((name.to_string(), value.into()));
     }
@@ -399,11 +400,15 @@ impl ResponseHead {
             .as_deref()
             .unwrap_or_else(|| reason(self.status));
         let _ = write!(s, "HTTP/1.1 {} {}\r\n", self.status, phrase);
+        let mut out = s.into_bytes();
         for (n, v) in &self.headers {
-            let _ = write!(s, "{n}: {v}\r\n");
+            out.extend_from_slice(n.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v);
+            out.extend_from_slice(b"\r\n");
         }
-        s.push_str("\r\n");
-        s.into_bytes()
+        out.extend_from_slice(b"\r\n");
+        out
     }
 }
 

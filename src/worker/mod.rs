@@ -17,6 +17,7 @@ mod respond;
 mod router;
 mod server;
 mod signals;
+mod timed;
 
 use crate::shared::config::Config;
 use crate::shared::{self, WorkerStart};

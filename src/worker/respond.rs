@@ -3,14 +3,12 @@
 
 use super::client::ClientStream;
 use super::http::{self, ResponseHead};
+use super::timed::{timed_out, Limit, Timed};
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::Instant;
 
-/// A client that takes no data for this long is dropped (nginx's `send_timeout`).
-const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bodies up to this size go out in the same write as the head.
 const INLINE_BODY: usize = 16 * 1024;
 /// In-memory bodies are written in slices of at most this size.
@@ -111,7 +109,7 @@ pub async fn send<S: ClientStream>(
             // One write may not pass 2 GiB (io_uring refuses it): go in slices.
             for at in (0..b.len()).step_by(BYTES_SLICE) {
                 let end = (at + BYTES_SLICE).min(b.len());
-                timed(stream.write_all(b.slice(at..end))).await?;
+                stream.write_all(b.slice(at..end)).await.0?;
             }
             Ok(b.len() as u64)
         }
@@ -140,17 +138,9 @@ pub async fn send<S: ClientStream>(
     }
 }
 
+/// Bounded by the stream's write deadline (`send_timeout_secs`), like every write.
 async fn write_all<S: AsyncWriteRent>(stream: &mut S, buf: Vec<u8>) -> std::io::Result<()> {
-    timed(stream.write_all(buf)).await
-}
-
-async fn timed<T>(
-    op: impl std::future::Future<Output = (std::io::Result<usize>, T)>,
-) -> std::io::Result<()> {
-    match monoio::time::timeout(SEND_TIMEOUT, op).await {
-        Ok((res, _)) => res.map(|_| ()),
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
+    stream.write_all(buf).await.0.map(|_| ())
 }
 
 /// `100 Continue`, before reading a body the client holds back.
@@ -226,15 +216,22 @@ mod sendfile {
         Ok(())
     }
 
-    async fn wait_writable(stream: &TcpStream) -> std::io::Result<()> {
-        match monoio::time::timeout(SEND_TIMEOUT, stream.writable(false)).await {
+    /// Waits for room within the socket's write deadline, as its writes do.
+    async fn wait_writable(stream: &Timed) -> std::io::Result<()> {
+        let wait = stream.tcp().writable(false);
+        let at = match stream.limits().write() {
+            Limit::None => return wait.await,
+            Limit::Each(d) => Instant::now() + d,
+            Limit::By(at) => at,
+        };
+        match monoio::time::timeout_at(at.into(), wait).await {
             Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            Err(_) => Err(timed_out()),
         }
     }
 
     /// Retries `op` (a non-blocking syscall returning bytes or -1) until it makes progress.
-    async fn progress(stream: &TcpStream, mut op: impl FnMut() -> isize) -> std::io::Result<usize> {
+    async fn progress(stream: &Timed, mut op: impl FnMut() -> isize) -> std::io::Result<usize> {
         loop {
             let n = op();
             if n >= 0 {
@@ -250,13 +247,13 @@ mod sendfile {
     }
 
     pub async fn send(
-        stream: &TcpStream,
+        stream: &Timed,
         head: &[u8],
         file: &std::fs::File,
         offset: u64,
         len: u64,
     ) -> std::io::Result<u64> {
-        let sock = stream.as_raw_fd();
+        let sock = stream.tcp().as_raw_fd();
         let _mode = NonBlocking::set(sock)?;
         let mut sent = 0;
         while sent < head.len() {

@@ -1,11 +1,14 @@
 //! The worker loop: accept on every listener, run each connection as a task, and react to
-//! signals. Draining (SIGQUIT) cancels the pending accepts and every idle keep-alive read;
-//! a cancelled operation that had already completed still hands back its connection or its
-//! bytes, so nothing that reached this worker is dropped.
+//! signals. Draining (SIGQUIT) cancels the pending accepts (an accept cancelled after it
+//! completed still hands back its connection, so nothing that reached this worker is
+//! dropped) and lets the connections end by themselves: each answers its next request with
+//! `Connection: close`, and an idle one closes when its keep-alive time is up. The worker
+//! exits when none is left, or when `shutdown_timeout_secs` have passed.
 
 use super::recorder::Recorder;
 use super::router::Router;
-use crate::shared::config::Config;
+use super::timed::{Deadlines, Limit, Timed};
+use crate::shared::config::{Config, RouteSecurity};
 use crate::shared::shm::{Region, Slot, STATE_DRAINING, STATE_SERVING};
 use crate::shared::WorkerStart;
 use monoio::io::{AsyncReadRent, CancelHandle, Canceller};
@@ -13,7 +16,7 @@ use monoio::net::{TcpListener, UnixStream};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What every connection task of this worker shares.
 pub struct Ctx {
@@ -22,16 +25,17 @@ pub struct Ctx {
     pub slot: &'static Slot,
     pub recorder: Recorder,
     pub draining: Cell<bool>,
-    /// Cancels idle keep-alive reads and pending accepts when draining starts.
+    /// Cancels the pending accepts when draining starts.
     canceller: RefCell<Canceller>,
     pub connections: Cell<usize>,
     /// The largest request head any route accepts: heads are read up to this size.
     pub max_head: usize,
     /// How long a kept-alive connection may wait for its next request.
     pub keepalive: Duration,
-    /// Tasks waiting for draining to start (TLS connections between requests).
-    drain_waiters: RefCell<std::collections::HashMap<u64, std::task::Waker>>,
-    next_waiter: Cell<u64>,
+    /// How long a drain may take before the worker exits with connections still open.
+    pub shutdown_timeout: Duration,
+    /// The security defaults, for what happens before a route is known.
+    pub default_security: RouteSecurity,
     /// `security.max_concurrent_connections` (0: no limit), over all workers.
     pub max_connections: i64,
     /// When the last over-limit refusal was logged (one line a second at most).
@@ -65,10 +69,10 @@ impl Ctx {
             head_timeout: Duration::from_secs(start.config.server.client_header_timeout_secs),
             pool: RefCell::new(Vec::new()),
             backends: Default::default(),
-            drain_waiters: Default::default(),
+            shutdown_timeout: Duration::from_secs(start.config.server.shutdown_timeout_secs),
+            default_security: RouteSecurity::default(),
             max_connections: start.config.security.max_concurrent_connections as i64,
             limit_logged: Cell::new(None),
-            next_waiter: Cell::new(0),
             upstream_labels: upstream_labels(&start.config, start.shm),
         }
     }
@@ -99,17 +103,15 @@ impl Ctx {
         self.slot.state.store(STATE_DRAINING, Release);
         let old = self.canceller.replace(Canceller::new());
         old.cancel();
-        for (_, waker) in self.drain_waiters.borrow_mut().drain() {
-            waker.wake();
-        }
     }
 
-    /// Completes when draining starts.
-    pub fn drain_signal(&self) -> DrainSignal<'_> {
-        DrainSignal {
-            ctx: self,
-            id: None,
-        }
+    /// Limits for a new client connection, until its route is known: the head must arrive
+    /// within `client_header_timeout_secs`, and writes get the default `send_timeout_secs`.
+    pub fn client_deadlines(&self) -> Rc<Deadlines> {
+        Deadlines::new(
+            Limit::By(Instant::now() + self.head_timeout),
+            Limit::Each(Duration::from_secs(self.default_security.send_timeout_secs)),
+        )
     }
 }
 
@@ -184,13 +186,22 @@ pub async fn run(
     }
 }
 
-/// Stops accepting, lets every open connection finish its request, then exits.
+/// Stops accepting, lets every open connection end by itself, then exits; at the latest
+/// when `shutdown_timeout_secs` have passed (the master's kill comes then too).
 async fn drain_then_exit(ctx: Rc<Ctx>, accepting: Vec<monoio::task::JoinHandle<()>>) {
     log::info!("draining: {} connections open", ctx.connections.get());
+    let deadline = Instant::now() + ctx.shutdown_timeout;
     for task in accepting {
         task.await;
     }
     while ctx.connections.get() > 0 {
+        if Instant::now() >= deadline {
+            log::warn!(
+                "shutdown_timeout_secs passed: closing {} connections",
+                ctx.connections.get()
+            );
+            super::exit(0);
+        }
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     log::info!("drained, exiting");
@@ -209,6 +220,7 @@ async fn accept_loop(
         match listener.cancelable_accept(ctx.cancel_handle()).await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let limits = ctx.client_deadlines();
                 ctx.connections.set(ctx.connections.get() + 1);
                 ctx.slot.connections.fetch_add(1, Relaxed);
                 let total = ctx.region.header.connections.fetch_add(1, Relaxed) + 1;
@@ -216,23 +228,18 @@ async fn accept_loop(
                 let ctx = ctx.clone();
                 let tls = tls.clone();
                 monoio::spawn(async move {
+                    let stream = Timed::new(stream, limits.clone());
                     match tls {
                         _ if over => refuse(&ctx, stream, tls.is_some()).await,
-                        None => super::conn::serve(&ctx, stream, peer).await,
+                        None => super::conn::serve(&ctx, stream, peer, limits).await,
                         Some((_, true)) => drop(stream),
-                        Some((acceptor, false)) => {
-                            // The handshake counts against the head timeout.
-                            let handshake =
-                                monoio::time::timeout(ctx.head_timeout, acceptor.accept(stream))
-                                    .await;
-                            match handshake {
-                                Ok(Ok(tls_stream)) => {
-                                    super::conn::serve(&ctx, tls_stream, peer).await
-                                }
-                                Ok(Err(e)) => log::debug!("TLS handshake with {peer} failed: {e}"),
-                                Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+                        // The handshake counts against the head's deadline.
+                        Some((acceptor, false)) => match acceptor.accept(stream).await {
+                            Ok(tls_stream) => {
+                                super::conn::serve(&ctx, tls_stream, peer, limits).await
                             }
-                        }
+                            Err(e) => log::debug!("TLS handshake with {peer} failed: {e}"),
+                        },
                     }
                     ctx.connections.set(ctx.connections.get() - 1);
                     ctx.slot.connections.fetch_sub(1, Relaxed);
@@ -251,7 +258,7 @@ async fn accept_loop(
 
 /// Over `max_concurrent_connections`: a plain-HTTP client gets a 503 and the connection
 /// closes; a TLS one is closed before any handshake work.
-async fn refuse(ctx: &Ctx, mut stream: monoio::net::TcpStream, tls: bool) {
+async fn refuse(ctx: &Ctx, mut stream: Timed, tls: bool) {
     let now = std::time::Instant::now();
     if ctx
         .limit_logged
@@ -267,8 +274,10 @@ async fn refuse(ctx: &Ctx, mut stream: monoio::net::TcpStream, tls: bool) {
     if !tls {
         use monoio::io::AsyncWriteRentExt;
         let answer = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 24\r\nRetry-After: 1\r\nConnection: close\r\n\r\n503 Service Unavailable\n";
-        let _ =
-            monoio::time::timeout(Duration::from_secs(1), stream.write_all(answer.to_vec())).await;
+        stream
+            .limits()
+            .set_write(Limit::Each(Duration::from_secs(1)));
+        let _ = stream.write_all(answer.to_vec()).await;
     }
 }
 
@@ -311,41 +320,4 @@ fn upstream_labels(
         }
     }
     out
-}
-
-pub struct DrainSignal<'a> {
-    ctx: &'a Ctx,
-    id: Option<u64>,
-}
-
-impl std::future::Future for DrainSignal<'_> {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.ctx.draining.get() {
-            return std::task::Poll::Ready(());
-        }
-        let ctx = self.ctx;
-        let id = *self.id.get_or_insert_with(|| {
-            let id = ctx.next_waiter.get();
-            ctx.next_waiter.set(id + 1);
-            id
-        });
-        self.ctx
-            .drain_waiters
-            .borrow_mut()
-            .insert(id, cx.waker().clone());
-        std::task::Poll::Pending
-    }
-}
-
-impl Drop for DrainSignal<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            self.ctx.drain_waiters.borrow_mut().remove(&id);
-        }
-    }
 }

@@ -2,6 +2,7 @@
 //! per-worker pool of idle keep-alive connections to each.
 
 use crate::shared::url::BackendUrl;
+use crate::worker::timed::{Deadlines, Limit, Timed};
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
@@ -99,14 +100,16 @@ fn client_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Str
     Ok(config)
 }
 
-/// A connection to a backend, plain or TLS.
+/// A connection to a backend, plain or TLS, over a socket with deadlines.
 pub enum BackendStream {
-    Plain(TcpStream),
-    Tls(Box<ClientTlsStream<TcpStream>>),
+    Plain(Timed),
+    Tls(Box<ClientTlsStream<Timed>>),
 }
 
 pub struct BackendConn {
     pub stream: BackendStream,
+    /// The socket's deadlines: the exchange sets the route's backend timeouts.
+    pub limits: Rc<Deadlines>,
     /// The TCP socket under the stream, to check an idle connection without reading it.
     fd: RawFd,
     /// Bytes read past the last response (a misbehaving backend): such a conn is not reused.
@@ -128,6 +131,7 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
+/// Connects within `timeout`, TLS handshake included.
 pub async fn connect(target: &Target, timeout: Duration) -> Result<BackendConn, ConnectError> {
     let deadline = Instant::now() + timeout;
     let mut last = ConnectError::Failed("no address".into());
@@ -143,19 +147,19 @@ pub async fn connect(target: &Target, timeout: Duration) -> Result<BackendConn, 
         };
         let _ = tcp.set_nodelay(true);
         let fd = tcp.as_raw_fd();
+        let limits = Deadlines::new(Limit::By(deadline), Limit::By(deadline));
+        let tcp = Timed::new(tcp, limits.clone());
         let stream = match &target.tls {
             None => BackendStream::Plain(tcp),
-            Some((connector, name)) => {
-                let handshake = connector.connect(name.clone(), tcp);
-                match monoio::time::timeout_at(deadline.into(), handshake).await {
-                    Err(_) => return Err(ConnectError::Timeout),
-                    Ok(Err(e)) => return Err(ConnectError::Failed(format!("{addr}: TLS: {e}"))),
-                    Ok(Ok(s)) => BackendStream::Tls(Box::new(s)),
-                }
-            }
+            Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
+                Ok(s) => BackendStream::Tls(Box::new(s)),
+                Err(_) if Instant::now() >= deadline => return Err(ConnectError::Timeout),
+                Err(e) => return Err(ConnectError::Failed(format!("{addr}: TLS: {e}"))),
+            },
         };
         return Ok(BackendConn {
             stream,
+            limits,
             fd,
             reused: false,
         });

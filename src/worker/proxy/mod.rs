@@ -21,6 +21,8 @@ use super::recorder::Outcome;
 use super::respond::{self, Response};
 use super::router::{Matched, RouteEntry};
 use super::server::Ctx;
+use super::timed::{self, Limit};
+use crate::shared::config::RouteSecurity;
 use crate::worker::client::ClientStream;
 use backend::{BackendConn, ConnectError, Target};
 use monoio::io::AsyncWriteRentExt;
@@ -29,9 +31,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use upstream::Upstream;
-
-/// How long a backend may take to answer, and between two reads of its response.
-pub const BACKEND_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct ProxyRoute {
     pub upstream: Rc<Upstream>,
@@ -151,6 +150,7 @@ pub async fn forward<S: ClientStream>(
         let active = Active::new(ctx, &target);
         let head = request_head(req, &target, &m.rest, m.route, client_ip, framing, upgrade);
         loop {
+            backend_deadlines(&bconn, sec);
             let sent = match send_request(ctx, conn, req, &mut bconn, &head, framing, sec).await {
                 Ok(n) => Ok(n),
                 Err(SendError::Client(status)) => {
@@ -158,6 +158,7 @@ pub async fn forward<S: ClientStream>(
                 }
                 Err(SendError::ClientGone) => return false,
                 Err(SendError::Backend) => Err(relay::HeadError::Stale),
+                Err(SendError::BackendTimeout) => Err(relay::HeadError::Timeout),
             };
             let result = match sent {
                 Ok(n) => relay::read_head(&mut bconn).await.map(|r| (n, r)),
@@ -198,11 +199,13 @@ pub async fn forward<S: ClientStream>(
         record(ctx, &meta, 101, request_bytes, 0);
         if switched {
             // `serve` takes the client connection over for the tunnel.
-            conn.tunnel = Some(tunnel::TunnelParts {
+            let parts = tunnel::TunnelParts {
                 backend_index: target.backend,
                 backend: bconn,
                 response,
-            });
+            };
+            let idle = Duration::from_secs(sec.websocket_idle_timeout_secs);
+            conn.tunnel = Some((parts, idle));
         }
         return false;
     }
@@ -240,6 +243,15 @@ pub async fn forward<S: ClientStream>(
         );
     }
     outcome.client_keep
+}
+
+/// The route's `backend_read_timeout_secs` and `backend_send_timeout_secs`, between two
+/// reads and two writes of the backend connection (nginx's `proxy_read_timeout` and
+/// `proxy_send_timeout`).
+fn backend_deadlines(bconn: &BackendConn, sec: &RouteSecurity) {
+    let each = |secs| Limit::Each(Duration::from_secs(secs));
+    bconn.limits.set_read(each(sec.backend_read_timeout_secs));
+    bconn.limits.set_write(each(sec.backend_send_timeout_secs));
 }
 
 fn record(ctx: &Ctx, meta: &Meta, status: u16, request_bytes: u64, response_bytes: u64) {
@@ -292,6 +304,16 @@ enum SendError {
     Client(u16),
     ClientGone,
     Backend,
+    /// The backend took no bytes within `backend_send_timeout_secs`.
+    BackendTimeout,
+}
+
+fn backend_error(e: &std::io::Error) -> SendError {
+    if timed::is_timeout(e) {
+        SendError::BackendTimeout
+    } else {
+        SendError::Backend
+    }
 }
 
 /// Sends the head and streams the body; returns the body bytes sent.
@@ -302,21 +324,20 @@ async fn send_request<S: ClientStream>(
     bconn: &mut BackendConn,
     head: &[u8],
     framing: Framing,
-    sec: &crate::shared::config::RouteSecurity,
+    sec: &RouteSecurity,
 ) -> Result<u64, SendError> {
     let (res, _) = bconn.stream.write_all(head.to_vec()).await;
-    res.map_err(|_| SendError::Backend)?;
+    res.map_err(|e| backend_error(&e))?;
     if framing == Framing::None {
         return Ok(0);
     }
     if req.expects_continue() && respond::send_continue(&mut conn.stream).await.is_err() {
         return Err(SendError::ClientGone);
     }
-    let mut reader = BodyReader::new(
-        framing,
-        sec.max_chunked_body_size,
-        Duration::from_secs(sec.client_body_timeout_secs),
-    );
+    conn.limits.set_read(Limit::Each(Duration::from_secs(
+        sec.client_body_timeout_secs,
+    )));
+    let mut reader = BodyReader::new(framing, sec.max_chunked_body_size);
     let mut piece = ctx.take_buf();
     let mut sent = 0u64;
     let result = loop {
@@ -337,15 +358,15 @@ async fn send_request<S: ClientStream>(
         if framing != Framing::Chunked {
             piece = back;
         }
-        if res.is_err() {
-            break Err(SendError::Backend);
+        if let Err(e) = res {
+            break Err(backend_error(&e));
         }
     };
     ctx.give_buf(piece);
     result?;
     if framing == Framing::Chunked {
         let (res, _) = bconn.stream.write_all(b"0\r\n\r\n".to_vec()).await;
-        res.map_err(|_| SendError::Backend)?;
+        res.map_err(|e| backend_error(&e))?;
     }
     Ok(sent)
 }
@@ -359,7 +380,8 @@ pub fn chunk(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The request head as the backend gets it.
+/// The request head as the backend gets it. Header values go as they came: obs-text bytes
+/// (0x80–0xFF) are not re-encoded.
 fn request_head(
     req: &Request,
     target: &Target,
@@ -369,6 +391,7 @@ fn request_head(
     framing: Framing,
     upgrade: bool,
 ) -> Vec<u8> {
+    use std::io::Write;
     let sec = &route.security;
     let base = &target.url.path;
     let path = if rest.is_empty() {
@@ -377,7 +400,8 @@ fn request_head(
         format!("{}{}", base.trim_end_matches('/'), http::encode_path(rest))
     };
     let query = req.target.find('?').map_or("", |q| &req.target[q..]);
-    let mut out = format!("{} {path}{query} HTTP/1.1\r\n", req.method);
+    let mut out = Vec::with_capacity(512);
+    let _ = write!(out, "{} {path}{query} HTTP/1.1\r\n", req.method);
     let tokens = connection_tokens(req.headers_named("connection"));
     let replaced = |name: &str| {
         sec.add_request_headers
@@ -393,7 +417,7 @@ fn request_head(
         .keys()
         .any(|k| k.eq_ignore_ascii_case("host"))
     {
-        out.push_str(&format!("Host: {}\r\n", target.url.authority()));
+        let _ = write!(out, "Host: {}\r\n", target.url.authority());
     }
     for (name, value) in &req.headers {
         let skip = is_hop_by_hop(name, &tokens)
@@ -404,10 +428,10 @@ fn request_head(
         if skip {
             continue;
         }
-        out.push_str(name);
-        out.push_str(": ");
-        out.push_str(&String::from_utf8_lossy(value));
-        out.push_str("\r\n");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
     }
     let host_value = req.raw_host();
     for (name, value) in &sec.add_request_headers {
@@ -415,22 +439,22 @@ fn request_head(
             .replace("$client_ip", &client_ip.to_string())
             .replace("$host", &host_value)
             .replace("$request_uri", &req.target);
-        out.push_str(&format!("{name}: {value}\r\n"));
+        let _ = write!(out, "{name}: {value}\r\n");
     }
     match framing {
         Framing::None => {}
-        Framing::Length(n) => out.push_str(&format!("Content-Length: {n}\r\n")),
-        Framing::Chunked => out.push_str("Transfer-Encoding: chunked\r\n"),
+        Framing::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
     }
     if upgrade {
-        let protocol = req
-            .header("upgrade")
-            .map(|u| String::from_utf8_lossy(u).into_owned())
-            .unwrap_or_default();
-        out.push_str(&format!("Connection: Upgrade\r\nUpgrade: {protocol}\r\n"));
+        out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: ");
+        out.extend_from_slice(req.header("upgrade").unwrap_or_default());
+        out.extend_from_slice(b"\r\n");
     }
-    out.push_str("\r\n");
-    out.into_bytes()
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 /// An error answered by the proxy itself (502, 503, 504, or the client's 4xx).

@@ -4,13 +4,14 @@
 //! HTTP/1.1 client); an HTTP/1.0 client gets it close-delimited.
 
 use super::backend::BackendConn;
-use super::{chunk, connection_tokens, is_hop_by_hop, BACKEND_READ_TIMEOUT};
+use super::{chunk, connection_tokens, is_hop_by_hop};
 use crate::worker::body::BodyReader;
 use crate::worker::client::ClientStream;
 use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::{Framing, Request, ResponseHead};
 use crate::worker::router::RouteEntry;
 use crate::worker::server::Ctx;
+use crate::worker::timed;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
@@ -65,13 +66,11 @@ pub async fn read_head(bconn: &mut BackendConn) -> Result<BackendResponse, HeadE
         }
         buf.reserve(4096);
         let (len, cap) = (buf.len(), buf.capacity());
-        let read = bconn.stream.read(buf.slice_mut(len..cap));
-        let (res, back) = match monoio::time::timeout(BACKEND_READ_TIMEOUT, read).await {
-            Ok(r) => r,
-            Err(_) => return Err(HeadError::Timeout),
-        };
+        // Bounded by the route's backend_read_timeout_secs.
+        let (res, back) = bconn.stream.read(buf.slice_mut(len..cap)).await;
         buf = back.into_inner();
         match res {
+            Err(e) if timed::is_timeout(&e) => return Err(HeadError::Timeout),
             Ok(0) | Err(_) if received == 0 => return Err(HeadError::Stale),
             Ok(0) | Err(_) => return Err(HeadError::Invalid),
             Ok(n) => received += n,
@@ -180,6 +179,10 @@ pub async fn relay<S: ClientStream>(
         log::warn!("backend response with unusable framing: 502");
         return Err(502);
     };
+    // RFC 9112 §6.3: both framings at once may be an attempt at smuggling. The body is read
+    // as chunked (Transfer-Encoding wins); the connection is not trusted for another request.
+    let conflicting = r.headers_named("transfer-encoding").next().is_some()
+        && r.headers_named("content-length").next().is_some();
     let tokens = connection_tokens(r.headers_named("connection"));
     let backend_keep = if r.version == 1 {
         !tokens.iter().any(|t| t == "close")
@@ -201,8 +204,7 @@ pub async fn relay<S: ClientStream>(
         if ours || is_hop_by_hop(name, &tokens) {
             continue;
         }
-        head.headers
-            .push((name.clone(), String::from_utf8_lossy(value).into_owned()));
+        head.headers.push((name.clone(), value.clone()));
     }
     let mut head = head.with_defaults();
     match kind {
@@ -210,7 +212,7 @@ pub async fn relay<S: ClientStream>(
         // HEAD and 304 carry the length of the representation they describe.
         BodyKind::None => {
             if let Some(v) = r.headers_named("content-length").next() {
-                head.set("Content-Length", String::from_utf8_lossy(v).into_owned());
+                head.set("Content-Length", v);
             }
         }
         _ if rechunk => head.set("Transfer-Encoding", "chunked"),
@@ -232,7 +234,8 @@ pub async fn relay<S: ClientStream>(
         Ok(n) => {
             outcome.response_bytes = n;
             outcome.client_keep = client_keep;
-            outcome.backend_reusable = backend_keep && kind != BodyKind::Close && r.rest.is_empty();
+            outcome.backend_reusable =
+                backend_keep && !conflicting && kind != BodyKind::Close && r.rest.is_empty();
         }
         Err(n) => outcome.response_bytes = n,
     }
@@ -255,7 +258,7 @@ async fn copy_body<S: ClientStream>(
         BodyKind::Chunked => Framing::Chunked,
         BodyKind::Close => Framing::None,
     };
-    let mut reader = BodyReader::new(framing, u64::MAX, BACKEND_READ_TIMEOUT);
+    let mut reader = BodyReader::new(framing, u64::MAX);
     let mut piece = ctx.take_buf();
     let mut total = 0u64;
     let result = loop {
@@ -310,16 +313,14 @@ async fn read_until_close(
     }
     piece.reserve(64 * 1024);
     let cap = piece.capacity().min(64 * 1024);
-    let read = bconn.stream.read(std::mem::take(piece).slice_mut(0..cap));
-    match monoio::time::timeout(BACKEND_READ_TIMEOUT, read).await {
-        Ok((Ok(0), back)) => {
-            *piece = back.into_inner();
-            Ok(false)
-        }
-        Ok((Ok(_), back)) => {
-            *piece = back.into_inner();
-            Ok(true)
-        }
-        _ => Err(()),
+    let (res, back) = bconn
+        .stream
+        .read(std::mem::take(piece).slice_mut(0..cap))
+        .await;
+    *piece = back.into_inner();
+    match res {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(_) => Err(()),
     }
 }

@@ -1,8 +1,8 @@
 //! A WebSocket (or any `Upgrade`) tunnel, once the backend has answered 101: a full-duplex
 //! copy between client and backend, each direction one read-then-write loop driven by I/O
-//! completions. Nothing polls and nothing waits on a timer, so an idle tunnel costs no CPU and
-//! a frame is forwarded as soon as it arrives. When either side closes (or fails), both
-//! connections are closed.
+//! completions. Nothing polls: an idle tunnel costs one timer, and a frame is forwarded as
+//! soon as it arrives. When either side closes (or fails, or the tunnel stays idle past its
+//! limit), both connections are closed.
 
 use super::backend::{BackendConn, BackendStream};
 use super::relay::BackendResponse;
@@ -11,8 +11,11 @@ use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::ResponseHead;
 use crate::worker::router::RouteEntry;
 use crate::worker::server::Ctx;
+use crate::worker::timed::{Deadlines, Limit};
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 const TUNNEL_BUF: usize = 16 * 1024;
 
@@ -41,8 +44,7 @@ pub async fn switch<S: ClientStream>(
         {
             continue;
         }
-        head.headers
-            .push((name.clone(), String::from_utf8_lossy(value).into_owned()));
+        head.headers.push((name.clone(), value.clone()));
     }
     let mut head = head.with_defaults();
     apply_route_headers(&mut head, &route.security);
@@ -50,67 +52,107 @@ pub async fn switch<S: ClientStream>(
     res.map(|_| ())
 }
 
-/// Copies both ways until one side closes. Bytes that already arrived with the 101 (from
-/// the backend) or after the upgrade request (from the client) go first.
-pub async fn run<S: ClientStream>(ctx: &Ctx, client: S, client_early: Vec<u8>, parts: TunnelParts) {
+/// Copies both ways until one side closes, or until no byte has crossed in either direction
+/// for `websocket_idle_timeout_secs`. Writes keep their deadlines (`send_timeout_secs` to
+/// the client, `backend_send_timeout_secs` to the backend): a peer that stops reading ends
+/// the tunnel. Reads have none of their own: a quiet direction is normal while the other
+/// one talks. Bytes that already arrived with the 101 (from the backend) or after the
+/// upgrade request (from the client) go first.
+pub async fn run<S: ClientStream>(
+    ctx: &Ctx,
+    client: S,
+    client_limits: &Deadlines,
+    client_early: Vec<u8>,
+    parts: TunnelParts,
+    idle: Duration,
+) {
     let TunnelParts {
         backend_index,
         backend,
         response,
     } = parts;
     let _active = super::Active::of(ctx, backend_index);
+    client_limits.set_read(Limit::None);
+    backend.limits.set_read(Limit::None);
     let backend_early = response.rest;
+    let last = Cell::new(Instant::now());
+    let ends = Ends {
+        ctx,
+        last: &last,
+        idle,
+    };
     match backend.stream {
-        BackendStream::Plain(b) => pipe(ctx, client, client_early, b, backend_early).await,
-        BackendStream::Tls(b) => pipe(ctx, client, client_early, *b, backend_early).await,
+        BackendStream::Plain(b) => ends.pipe(client, client_early, b, backend_early).await,
+        BackendStream::Tls(b) => ends.pipe(client, client_early, *b, backend_early).await,
     }
 }
 
-async fn pipe<S, B>(ctx: &Ctx, client: S, client_early: Vec<u8>, backend: B, backend_early: Vec<u8>)
-where
-    S: ClientStream,
-    B: AsyncReadRent + AsyncWriteRent + monoio::io::Split,
-{
-    let (client_r, client_w) = client.into_split();
-    let (backend_r, backend_w) = backend.into_split();
-    let up = copy(ctx, client_r, backend_w, client_early);
-    let down = copy(ctx, backend_r, client_w, backend_early);
-    // Either direction ending ends the tunnel: the other copy is dropped, and with it both
-    // connections.
-    monoio::select! {
-        _ = up => {},
-        _ = down => {},
-    }
+/// What both directions of a tunnel share: the time of the last byte either way.
+struct Ends<'a> {
+    ctx: &'a Ctx,
+    last: &'a Cell<Instant>,
+    idle: Duration,
 }
 
-async fn copy<R: AsyncReadRent, W: AsyncWriteRent>(
-    ctx: &Ctx,
-    mut from: R,
-    mut to: W,
-    early: Vec<u8>,
-) {
-    if !early.is_empty() {
-        let (res, _) = to.write_all(early).await;
-        if res.is_err() {
-            return;
+impl Ends<'_> {
+    async fn pipe<S, B>(&self, client: S, client_early: Vec<u8>, backend: B, backend_early: Vec<u8>)
+    where
+        S: ClientStream,
+        B: AsyncReadRent + AsyncWriteRent + monoio::io::Split,
+    {
+        let (client_r, client_w) = client.into_split();
+        let (backend_r, backend_w) = backend.into_split();
+        let up = self.copy(client_r, backend_w, client_early);
+        let down = self.copy(backend_r, client_w, backend_early);
+        // Either direction ending ends the tunnel: the other copy is dropped, and with it both
+        // connections.
+        monoio::select! {
+            _ = up => {},
+            _ = down => {},
+            _ = self.watch() => log::debug!("WebSocket tunnel idle for {:?}: closed", self.idle),
         }
     }
-    let mut buf = ctx.take_buf();
-    loop {
-        buf.clear();
-        let read = from.read(buf.slice_mut(0..TUNNEL_BUF)).await;
-        let (res, back) = read;
-        buf = back.into_inner();
-        match res {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
-        let (res, back) = to.write_all(buf).await;
-        buf = back;
-        if res.is_err() {
-            break;
+
+    /// Completes once no byte has crossed for `idle`.
+    async fn watch(&self) {
+        loop {
+            let until = self.last.get() + self.idle;
+            if Instant::now() >= until {
+                return;
+            }
+            monoio::time::sleep_until(until.into()).await;
         }
     }
-    let _ = to.shutdown().await;
-    ctx.give_buf(buf);
+
+    async fn copy<R: AsyncReadRent, W: AsyncWriteRent>(
+        &self,
+        mut from: R,
+        mut to: W,
+        early: Vec<u8>,
+    ) {
+        if !early.is_empty() {
+            let (res, _) = to.write_all(early).await;
+            if res.is_err() {
+                return;
+            }
+        }
+        let mut buf = self.ctx.take_buf();
+        loop {
+            buf.clear();
+            let read = from.read(buf.slice_mut(0..TUNNEL_BUF)).await;
+            let (res, back) = read;
+            buf = back.into_inner();
+            match res {
+                Ok(n) if n > 0 => self.last.set(Instant::now()),
+                _ => break,
+            }
+            let (res, back) = to.write_all(buf).await;
+            buf = back;
+            if res.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+        self.ctx.give_buf(buf);
+    }
 }
