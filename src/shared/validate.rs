@@ -442,14 +442,18 @@ fn check_resolves(u: &BackendUrl, key: &str, e: &mut Errors) {
 fn validate_file_route(r: &Route, key: &str, e: &mut Errors) {
     match &r.path {
         None => e.add(format!("{key}.path"), "a File route needs `path`"),
-        Some(p) => {
-            if std::fs::metadata(p).is_err() {
-                e.add(
-                    format!("{key}.path"),
-                    format!("file or directory not found: {p}"),
-                );
-            }
-        }
+        Some(p) => match std::fs::metadata(p) {
+            Err(_) => e.add(
+                format!("{key}.path"),
+                format!("file or directory not found: {p}"),
+            ),
+            // A FIFO or device would be refused on every request: say so now.
+            Ok(m) if !m.is_file() && !m.is_dir() => e.add(
+                format!("{key}.path"),
+                format!("not a regular file or directory: {p}"),
+            ),
+            Ok(_) => {}
+        },
     }
     if let Some(index) = &r.index {
         if index.is_empty() || index.contains('/') || index == ".." {

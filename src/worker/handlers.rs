@@ -72,7 +72,9 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         Resolved::Forbidden => return Response::error(403),
         Resolved::BadRequest => return Response::error(400),
     };
-    let v = Validators::of(&meta);
+    // A memory route serves what it read: its length, not the length stat'ed before reading.
+    let len = cached.map_or(meta.len(), |b| b.len() as u64);
+    let v = Validators::new(&meta, len);
     let mut head = ResponseHead::new(200)
         .header("Content-Type", files::content_type(&path))
         .header("Last-Modified", v.last_modified())
@@ -83,7 +85,6 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         head.remove("Content-Type");
         return Response::new(head, Body::Empty);
     }
-    let len = meta.len();
     let (start, count) = match files::range(req, len, &v) {
         RangeAnswer::Full => (0, len),
         RangeAnswer::Partial(a, b) => {
@@ -100,7 +101,7 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
     if let Some(bytes) = cached {
         // A memory route answers from what it read at start, even if the file changed since.
         let end = (start + count).min(bytes.len() as u64) as usize;
-        let body = bytes.slice(start as usize..end);
+        let body = bytes.slice((start as usize).min(end)..end);
         return Response::new(head, Body::Bytes(body));
     }
     match opened {
