@@ -146,9 +146,19 @@ fn welcome(req: &Request) -> Response {
     Response::new(head, Body::Bytes(Bytes::from_static(WELCOME.as_bytes())))
 }
 
-pub fn metrics(ctx: &super::server::Ctx) -> Response {
+/// The metrics endpoint, if `path` is its path: the metrics, or for an address that may not
+/// read them the plain 404 of an unknown path (no route takes the request over). `None`: not
+/// the metrics path, route as usual.
+pub fn metrics(ctx: &super::server::Ctx, path: &str, ip: IpAddr) -> Option<Response> {
+    let access = &ctx.router.metrics;
+    if path != access.path {
+        return None;
+    }
+    if !access.allows(ip) {
+        return Some(Response::error(404));
+    }
     let text = crate::shared::metrics::render(ctx.region, &ctx.upstream_labels);
     let head =
         ResponseHead::new(200).header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
-    Response::new(head, Body::Bytes(Bytes::from(text)))
+    Some(Response::new(head, Body::Bytes(Bytes::from(text))))
 }
