@@ -168,6 +168,10 @@ fn cases() -> Vec<(String, Vec<u8>, u16, bool)> {
         ("chunk without CRLF", b"GET /f.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n".to_vec(), 400, true),
         ("chunked over the limit", b"GET /small/f.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n".to_vec(), 413, true),
         ("chunked with extension and trailer", b"GET /f.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: yes\r\n\r\n".to_vec(), 200, false),
+        ("trailer line without a colon", b"GET /f.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nno colon\r\n\r\n".to_vec(), 400, true),
+        // Chunk extensions: at most 16 KiB per body (`;` and the extension's bytes).
+        ("chunk extension of 16 KiB", format!("GET /f.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(16 * 1024 - 1)).into_bytes(), 200, false),
+        ("chunk extension past 16 KiB", format!("GET /f.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(16 * 1024)).into_bytes(), 400, true),
         ("Content-Length over the limit", b"GET /small/f.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world".to_vec(), 413, true),
         ("Content-Length body dropped", b"GET /f.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello".to_vec(), 200, false),
         ("identical CL repeated", b"GET /f.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello".to_vec(), 200, false),

@@ -24,6 +24,32 @@ pub struct Config {
     pub path_routes: BTreeMap<String, BTreeMap<String, Route>>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, Upstream>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where the Prometheus endpoint answers, and to whom.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+    /// IPs and CIDRs that may read the metrics; empty: every address (the spec's default).
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            path: default_metrics_path(),
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
+fn default_metrics_path() -> String {
+    "/__metrics".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

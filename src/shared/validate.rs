@@ -131,6 +131,7 @@ fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigE
             "security" => check(p(&[]), de::<GlobalSecurity>(value)),
             "performance" => check(p(&[]), de::<PerformanceConfig>(value)),
             "tls" => check(p(&[]), de::<TlsConfig>(value)),
+            "metrics" => check(p(&[]), de::<MetricsConfig>(value)),
             "host_routes" | "upstreams" => {
                 for (name, item) in value.as_table().into_iter().flatten() {
                     let r = if section == "host_routes" {
@@ -151,7 +152,7 @@ fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigE
             _ => check(
                 vec![section.clone()],
                 Err(serde::de::Error::custom(format!(
-                    "unknown section `{section}` (server, logging, security, performance, tls, host_routes, path_routes, upstreams)"
+                    "unknown section `{section}` (server, logging, security, performance, tls, metrics, host_routes, path_routes, upstreams)"
                 ))),
             ),
         }
@@ -260,6 +261,7 @@ pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
     validate_server(c, &mut e);
     validate_logging(&c.logging, &mut e);
     validate_security(&c.security, &mut e);
+    validate_metrics(&c.metrics, &mut e);
     if let Some(tls) = &c.tls {
         let before = e.list.len();
         check_file(
@@ -393,6 +395,35 @@ fn validate_security(s: &GlobalSecurity, e: &mut Errors) {
     }
 }
 
+fn validate_metrics(m: &MetricsConfig, e: &mut Errors) {
+    // Compared with the normalized request path: only a path that normalizes to itself can
+    // ever match.
+    let normal = m.path.starts_with('/')
+        && !m.path.contains("//")
+        && m.path.split('/').all(|seg| seg != "." && seg != "..")
+        && m.path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b));
+    if !normal {
+        e.add(
+            "metrics.path",
+            format!(
+                "`{}` is not a plain absolute path such as /__metrics (no query, `%`, `//` or dot-segments)",
+                m.path
+            ),
+        );
+    }
+    check_ip_list(&m.allowed_ips, "metrics.allowed_ips", e);
+}
+
+fn check_ip_list(list: &[String], key: &str, e: &mut Errors) {
+    for ip in list {
+        if parse_cidr(ip).is_none() {
+            e.add(key, format!("invalid IP address or CIDR `{ip}`"));
+        }
+    }
+}
+
 fn check_host(host: &str, key: &str, e: &mut Errors) {
     let valid = host == "*"
         || (!host.is_empty()
@@ -456,14 +487,18 @@ fn check_resolves(u: &BackendUrl, key: &str, e: &mut Errors) {
 fn validate_file_route(r: &Route, key: &str, e: &mut Errors) {
     match &r.path {
         None => e.add(format!("{key}.path"), "a File route needs `path`"),
-        Some(p) => {
-            if std::fs::metadata(p).is_err() {
-                e.add(
-                    format!("{key}.path"),
-                    format!("file or directory not found: {p}"),
-                );
-            }
-        }
+        Some(p) => match std::fs::metadata(p) {
+            Err(_) => e.add(
+                format!("{key}.path"),
+                format!("file or directory not found: {p}"),
+            ),
+            // A FIFO or device would be refused on every request: say so now.
+            Ok(m) if !m.is_file() && !m.is_dir() => e.add(
+                format!("{key}.path"),
+                format!("not a regular file or directory: {p}"),
+            ),
+            Ok(_) => {}
+        },
     }
     if let Some(index) = &r.index {
         if index.is_empty() || index.contains('/') || index == ".." {
@@ -559,14 +594,7 @@ fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
         ("allowed_ips", &s.allowed_ips),
         ("denied_ips", &s.denied_ips),
     ] {
-        for ip in list.iter() {
-            if parse_cidr(ip).is_none() {
-                e.add(
-                    format!("{key}.{name}"),
-                    format!("invalid IP address or CIDR `{ip}`"),
-                );
-            }
-        }
+        check_ip_list(list, &format!("{key}.{name}"), e);
     }
     if s.max_request_header_size < 1024 || s.max_request_header_size > 1024 * 1024 {
         e.add(

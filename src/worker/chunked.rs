@@ -4,7 +4,8 @@
 //! byte moves the state machine one step. It accepts chunk extensions (skipped) and trailer
 //! fields (checked and dropped), and refuses — so that the connection is closed — a size that
 //! is not hex or overflows, a chunk not followed by CRLF, a bare LF, control bytes in an
-//! extension or trailer, and a body whose decoded size passes the configured limit.
+//! extension or trailer, a trailer line that is not `name: value`, more than
+//! [`MAX_EXTENSIONS`] bytes of extensions, and a body whose decoded size passes the limit.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkError {
@@ -31,8 +32,10 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
-    /// Inside a trailer field line, until CR.
-    Trailer,
+    /// Inside a trailer field's name, until its colon.
+    TrailerName,
+    /// Inside a trailer field's value, until CR.
+    TrailerValue,
     TrailerLf,
     /// Expecting the LF of the final empty line.
     EndLf,
@@ -46,10 +49,17 @@ pub struct ChunkedDecoder {
     total: u64,
     limit: u64,
     trailer_bytes: usize,
+    /// Bytes of size lines after the digits (whitespace, extensions), over the whole body.
+    ext_bytes: usize,
 }
 
 /// Trailers are dropped, but their size is still bounded.
 const MAX_TRAILER: usize = 16 * 1024;
+/// Chunk extensions are skipped, but they still cost reading: at most this many bytes of them
+/// (and of whitespace after a size) in one body, as Node.js bounds them
+/// (`kMaxChunkExtensionsSize`, after CVE-2024-22019). Without a bound, a 2-byte body could
+/// carry gigabytes that no body size limit counts.
+pub const MAX_EXTENSIONS: usize = 16 * 1024;
 
 impl ChunkedDecoder {
     pub fn new(limit: u64) -> Self {
@@ -59,6 +69,7 @@ impl ChunkedDecoder {
             total: 0,
             limit,
             trailer_bytes: 0,
+            ext_bytes: 0,
         }
     }
 
@@ -90,7 +101,7 @@ impl ChunkedDecoder {
 
     fn step(&mut self, b: u8) -> Result<(), ChunkError> {
         use State::*;
-        self.state = match (self.state, b) {
+        let next = match (self.state, b) {
             (Size { digits }, _) if b.is_ascii_hexdigit() => {
                 if digits >= 16 {
                     return Err(ChunkError::Invalid("chunk size overflows"));
@@ -113,24 +124,46 @@ impl ChunkedDecoder {
             (DataLf, b'\n') => Size { digits: 0 },
             (DataCr | DataLf, _) => return Err(ChunkError::Invalid("chunk data without CRLF")),
             (TrailerStart, b'\r') => EndLf,
-            (TrailerStart | Trailer, _) if b == b'\t' || (b >= 0x20 && b != 0x7f) => {
-                self.trailer_bytes += 1;
-                if self.trailer_bytes > MAX_TRAILER {
-                    return Err(ChunkError::Invalid("trailer section too large"));
-                }
-                if self.state == TrailerStart && (b == b' ' || b == b'\t') {
-                    return Err(ChunkError::Invalid("obsolete line folding in trailer"));
-                }
-                Trailer
+            (TrailerStart, b' ' | b'\t') => {
+                return Err(ChunkError::Invalid("obsolete line folding in trailer"))
             }
-            (Trailer, b'\r') => TrailerLf,
+            (TrailerStart | TrailerName, _) if is_tchar(b) => TrailerName,
+            (TrailerName, b':') => TrailerValue,
+            // RFC 9112 §5: a field line is `name ":" value`; no colon, an empty name or
+            // whitespace before the colon is a bad request, in a trailer as in the head.
+            (TrailerStart | TrailerName, _) => {
+                return Err(ChunkError::Invalid("trailer line is not `name: value`"))
+            }
+            (TrailerValue, b'\r') => TrailerLf,
+            (TrailerValue, b) if b == b'\t' || (b >= 0x20 && b != 0x7f) => TrailerValue,
             (TrailerLf, b'\n') => TrailerStart,
             (EndLf, b'\n') => Done,
-            (TrailerStart | Trailer | TrailerLf | EndLf, _) => {
+            (TrailerValue | TrailerLf | EndLf, _) => {
                 return Err(ChunkError::Invalid("malformed trailer section"))
             }
-            (Data | Done, _) => unreachable!("handled by decode"),
+            // `decode` never steps in these; answering 400 beats a panic if it ever did.
+            (Data | Done, _) => return Err(ChunkError::Invalid("decoder out of step")),
         };
+        self.count(next)?;
+        self.state = next;
+        Ok(())
+    }
+
+    /// Bounds the bytes that are read but never delivered: extensions and trailers.
+    fn count(&mut self, next: State) -> Result<(), ChunkError> {
+        use State::*;
+        if matches!(next, SizeTail | Ext) {
+            self.ext_bytes += 1;
+            if self.ext_bytes > MAX_EXTENSIONS {
+                return Err(ChunkError::Invalid("chunk extensions too long"));
+            }
+        }
+        if matches!(next, TrailerName | TrailerValue) {
+            self.trailer_bytes += 1;
+            if self.trailer_bytes > MAX_TRAILER {
+                return Err(ChunkError::Invalid("trailer section too large"));
+            }
+        }
         Ok(())
     }
 
@@ -144,6 +177,11 @@ impl ChunkedDecoder {
         }
         Ok(State::Data)
     }
+}
+
+/// An RFC 9110 token character (field names).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[cfg(test)]
@@ -194,6 +232,12 @@ mod tests {
             b"0\r\n bad: fold\r\n\r\n",
             b"0\r\nTrailer: x\n\r\n",
             b"0\r\n\r\r",
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\nnocolon\r\n\r\n",
+            b"0\r\n: empty name\r\n\r\n",
+            b"0\r\nName : space before colon\r\n\r\n",
+            b"0\r\nA: ok\r\nsecond line without colon\r\n\r\n",
+            b"0\r\nA: bad\x01value\r\n\r\n",
         ] {
             assert!(
                 matches!(decode_all(bad, 3, 1 << 20), Err(ChunkError::Invalid(_))),
@@ -210,5 +254,38 @@ mod tests {
             Err(ChunkError::TooLarge)
         );
         assert!(decode_all(b"4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n", 5, 7).is_ok());
+    }
+
+    #[test]
+    fn trailer_fields_with_a_colon_pass() {
+        let body = b"3\r\nabc\r\n0\r\nA: 1\r\nB-c:\r\nD:\tx y \xff\r\n\r\nNEXT";
+        for piece in 1..body.len() {
+            let (out, used) = decode_all(body, piece, 100).unwrap();
+            assert_eq!(out, b"abc");
+            assert_eq!(&body[used..], b"NEXT", "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn chunk_extensions_are_bounded_over_the_whole_body() {
+        let ext = |n: usize| format!("1;{}\r\nx\r\n", "e".repeat(n));
+        // One extension up to the bound is skipped.
+        let ok = format!("{}0\r\n\r\n", ext(MAX_EXTENSIONS - 1));
+        assert_eq!(decode_all(ok.as_bytes(), 4096, 100).unwrap().0, b"x");
+        // One past it, or many small ones adding up past it, are refused.
+        let long = format!("{}0\r\n\r\n", ext(MAX_EXTENSIONS));
+        let many = format!("{}0\r\n\r\n", ext(1023).repeat(17));
+        for bad in [long, many] {
+            assert_eq!(
+                decode_all(bad.as_bytes(), 4096, 1 << 20),
+                Err(ChunkError::Invalid("chunk extensions too long"))
+            );
+        }
+        // Whitespace after the size counts too: it cannot run forever.
+        let spaces = format!("1{}\r\n", " ".repeat(MAX_EXTENSIONS + 1));
+        assert_eq!(
+            decode_all(spaces.as_bytes(), 4096, 100),
+            Err(ChunkError::Invalid("chunk extensions too long"))
+        );
     }
 }

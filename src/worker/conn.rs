@@ -189,8 +189,7 @@ async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Inco
     let Ok(path) = http::normalize_path(req.path()) else {
         return finish(ctx, conn, Response::error(400), false, None, meta).await;
     };
-    if path == "/__metrics" {
-        let r = handlers::metrics(ctx);
+    if let Some(r) = handlers::metrics(ctx, &path, conn.client_ip()) {
         return respond_after_body(ctx, conn, &req, framing, r, keep, None, meta).await;
     }
     let Some(m) = ctx.router.route(&meta.host, &path) else {

@@ -7,6 +7,7 @@
 //! is then resolved through its symlinks and must still lie under the root's own resolved
 //! path, else 404.
 
+use super::diskfile::{self, Opened};
 use super::http::{self, Request};
 use super::router::{Cached, FileRoute};
 use std::path::{Path, PathBuf};
@@ -76,62 +77,68 @@ pub fn resolve<'a>(route: &'a FileRoute, rest: &str, exact: bool) -> Resolved<'a
 /// `openat2(RESOLVE_BENEATH)`: the kernel follows symlinks but refuses any path that leaves the
 /// root, in one call. `None` where the kernel has no openat2.
 fn open_beneath<'a>(route: &FileRoute, rest: &str) -> Option<Resolved<'a>> {
-    use std::os::fd::{AsRawFd, FromRawFd};
     let dir = route.root_fd.as_ref()?;
     let rel = rest.trim_start_matches('/');
     let rel = if rel.is_empty() { "." } else { rel };
-    let open = |rel: &str| -> Result<std::fs::File, std::io::Error> {
-        let c = std::ffi::CString::new(rel)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
-        }
-    };
-    let (rel, file) = match open(rel) {
-        Ok(f) => (rel.to_string(), f),
+    let opened = match openat2_beneath(dir, rel) {
         Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return None,
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Some(Resolved::Forbidden),
-        Err(_) => return Some(Resolved::NotFound),
+        other => other,
     };
-    let Ok(meta) = file.metadata() else {
-        return Some(Resolved::NotFound);
+    let (rel, opened) = match opened.and_then(diskfile::classify) {
+        Ok(Opened::Dir) => {
+            let index = format!("{}/{}", rel.trim_end_matches('/'), route.index);
+            let opened = openat2_beneath(dir, &index).and_then(diskfile::classify);
+            (index, opened)
+        }
+        other => (rel.to_string(), other),
     };
-    let (rel, file, meta) = if meta.is_dir() {
-        let index = format!("{}/{}", rel.trim_end_matches('/'), route.index);
-        let file = match open(&index) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Some(Resolved::Forbidden),
-            Err(_) => return Some(Resolved::NotFound),
-        };
-        let Ok(meta) = file.metadata() else {
-            return Some(Resolved::NotFound);
-        };
-        (index, file, meta)
-    } else {
-        (rel, file, meta)
-    };
-    if !meta.is_file() {
-        return Some(Resolved::NotFound);
-    }
-    Some(Resolved::File {
-        path: route.root_canon.join(rel),
-        file,
-        meta,
+    Some(match opened {
+        Ok(Opened::File(file, meta)) => Resolved::File {
+            path: route.root_canon.join(rel),
+            file,
+            meta,
+        },
+        // An index that is itself a directory: no listing.
+        Ok(Opened::Dir) => Resolved::NotFound,
+        Ok(Opened::Special) => special(&rel),
+        Err(e) => open_failed(&e),
     })
+}
+
+fn openat2_beneath(dir: &std::os::fd::OwnedFd, rel: &str) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(rel)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = diskfile::OPEN_FLAGS as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+    }
+}
+
+fn open_failed(e: &std::io::Error) -> Resolved<'static> {
+    if diskfile::refused(e) {
+        Resolved::Forbidden
+    } else {
+        Resolved::NotFound
+    }
+}
+
+fn special(path: impl std::fmt::Debug) -> Resolved<'static> {
+    log::debug!("403: {path:?} is not a regular file");
+    Resolved::Forbidden
 }
 
 fn found(path: PathBuf, real_root: &Path) -> Resolved<'static> {
@@ -141,18 +148,15 @@ fn found(path: PathBuf, real_root: &Path) -> Resolved<'static> {
     if !real.starts_with(real_root) {
         return Resolved::NotFound;
     }
-    let file = match std::fs::File::open(&real) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Resolved::Forbidden,
-        Err(_) => return Resolved::NotFound,
-    };
-    match file.metadata() {
-        Ok(meta) if meta.is_file() => Resolved::File {
+    match diskfile::open(&real) {
+        Ok(Opened::File(file, meta)) => Resolved::File {
             path: real,
             file,
             meta,
         },
-        _ => Resolved::NotFound,
+        Ok(Opened::Dir) => Resolved::NotFound,
+        Ok(Opened::Special) => special(&real),
+        Err(e) => open_failed(&e),
     }
 }
 
@@ -176,17 +180,13 @@ pub struct Validators {
 
 impl Validators {
     /// A strong ETag from modification time (with nanoseconds) and size, as nginx does with
-    /// seconds: two versions of a file differ in one or the other.
-    pub fn of(meta: &std::fs::Metadata) -> Self {
+    /// seconds: two versions of a file differ in one or the other. `len`: the size served,
+    /// which for a memory route is what was read, not what was stat'ed.
+    pub fn new(meta: &std::fs::Metadata, len: u64) -> Self {
         let t = meta.modified().unwrap_or(UNIX_EPOCH);
         let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
         Validators {
-            etag: format!(
-                "\"{:x}.{:x}-{:x}\"",
-                d.as_secs(),
-                d.subsec_nanos(),
-                meta.len()
-            ),
+            etag: format!("\"{:x}.{:x}-{:x}\"", d.as_secs(), d.subsec_nanos(), len),
             modified: d.as_secs(),
         }
     }
@@ -304,7 +304,8 @@ pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     }
     let d: u32 = d.parse().ok()?;
     let m = MONTHS.iter().position(|x| *x == mon)? as u32 + 1;
-    let y: i64 = y.parse().ok()?;
+    // Four digits, as IMF-fixdate has: a huge year would overflow the day count.
+    let y: i64 = y.parse().ok().filter(|y| (1..=9999).contains(y))?;
     let mut t = hms.split(':').map(|x| x.parse::<u64>().ok());
     let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
     if d == 0 || d > 31 || hh > 23 || mm > 59 || ss > 60 {
@@ -344,5 +345,71 @@ mod tests {
         );
         assert_eq!(parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT"), None);
         assert_eq!(parse_http_date(b"garbage"), None);
+    }
+
+    fn ranged(value: &str, len: u64) -> RangeAnswer {
+        let head = format!("GET / HTTP/1.1\r\nHost: t\r\nRange: {value}\r\n\r\n");
+        let http::Parse::Complete(req, _) = http::parse(head.as_bytes()) else {
+            panic!("test head does not parse: {value:?}");
+        };
+        let v = Validators {
+            etag: "\"e\"".into(),
+            modified: 0,
+        };
+        range(&req, len, &v)
+    }
+
+    #[test]
+    fn ranges_at_the_edges_never_go_past_the_file() {
+        use RangeAnswer::*;
+        let huge = "99999999999999999999999999";
+        for (value, len, want) in [
+            ("bytes=0-0", 1, Partial(0, 0)),
+            ("bytes=0-", 0, Unsatisfiable),
+            ("bytes=-0", 10, Unsatisfiable),
+            ("bytes=-0", 0, Unsatisfiable),
+            ("bytes=-5", 0, Unsatisfiable),
+            ("bytes=-50", 10, Partial(0, 9)),
+            ("bytes=9-", 10, Partial(9, 9)),
+            ("bytes=10-", 10, Unsatisfiable),
+            ("bytes=5-1000000", 10, Partial(5, 9)),
+            ("bytes=18446744073709551615-", 10, Unsatisfiable),
+            (
+                "bytes=0-18446744073709551615",
+                u64::MAX,
+                Partial(0, u64::MAX - 1),
+            ),
+            ("bytes=-18446744073709551615", 10, Partial(0, 9)),
+            (&format!("bytes={huge}-"), 10, Full),
+            (&format!("bytes=0-{huge}"), 10, Full),
+            (&format!("bytes=-{huge}"), 10, Full),
+            ("bytes=5-3", 10, Full),
+            ("bytes=-", 10, Full),
+            ("bytes=--1", 10, Full),
+            ("bytes=+1-2", 10, Full),
+            ("bytes=1-2,4-5", 10, Full),
+            ("bytes=\u{e9}-1", 10, Full),
+            ("items=0-1", 10, Full),
+        ] {
+            let got = ranged(value, len);
+            assert_eq!(got, want, "{value} of {len}");
+            if let Partial(a, b) = got {
+                assert!(a <= b && b < len, "{value} of {len}: {a}-{b}");
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_dates_do_not_overflow() {
+        for date in [
+            "Sun, 06 Nov 9223372036854775807 08:49:37 GMT",
+            "Sun, 06 Nov -9223372036854775808 08:49:37 GMT",
+            "Sun, 06 Nov 0 08:49:37 GMT",
+            "Sun, 06 Nov 1994 99999999999999999999:49:37 GMT",
+            "Sun, 99 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(date.as_bytes()), None, "{date}");
+        }
+        assert!(parse_http_date(b"Fri, 31 Dec 9999 23:59:59 GMT").is_some());
     }
 }

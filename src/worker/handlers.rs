@@ -72,7 +72,9 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         Resolved::Forbidden => return Response::error(403),
         Resolved::BadRequest => return Response::error(400),
     };
-    let v = Validators::of(&meta);
+    // A memory route serves what it read: its length, not the length stat'ed before reading.
+    let len = cached.map_or(meta.len(), |b| b.len() as u64);
+    let v = Validators::new(&meta, len);
     let mut head = ResponseHead::new(200)
         .header("Content-Type", files::content_type(&path))
         .header("Last-Modified", v.last_modified())
@@ -83,7 +85,6 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
         head.remove("Content-Type");
         return Response::new(head, Body::Empty);
     }
-    let len = meta.len();
     let (start, count) = match files::range(req, len, &v) {
         RangeAnswer::Full => (0, len),
         RangeAnswer::Partial(a, b) => {
@@ -100,7 +101,7 @@ fn serve_file(req: &Request, route: &FileRoute, m: &Matched) -> Response {
     if let Some(bytes) = cached {
         // A memory route answers from what it read at start, even if the file changed since.
         let end = (start + count).min(bytes.len() as u64) as usize;
-        let body = bytes.slice(start as usize..end);
+        let body = bytes.slice((start as usize).min(end)..end);
         return Response::new(head, Body::Bytes(body));
     }
     match opened {
@@ -145,9 +146,19 @@ fn welcome(req: &Request) -> Response {
     Response::new(head, Body::Bytes(Bytes::from_static(WELCOME.as_bytes())))
 }
 
-pub fn metrics(ctx: &super::server::Ctx) -> Response {
+/// The metrics endpoint, if `path` is its path: the metrics, or for an address that may not
+/// read them the plain 404 of an unknown path (no route takes the request over). `None`: not
+/// the metrics path, route as usual.
+pub fn metrics(ctx: &super::server::Ctx, path: &str, ip: IpAddr) -> Option<Response> {
+    let access = &ctx.router.metrics;
+    if path != access.path {
+        return None;
+    }
+    if !access.allows(ip) {
+        return Some(Response::error(404));
+    }
     let text = crate::shared::metrics::render(ctx.region, &ctx.upstream_labels);
     let head =
         ResponseHead::new(200).header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
-    Response::new(head, Body::Bytes(Bytes::from(text)))
+    Some(Response::new(head, Body::Bytes(Bytes::from(text))))
 }

@@ -6,6 +6,7 @@ mod body;
 mod chunked;
 mod client;
 mod conn;
+mod diskfile;
 mod files;
 mod handlers;
 pub mod health;

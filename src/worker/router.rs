@@ -8,10 +8,13 @@
 //! not `/px`; the part after the prefix (`rest`, starting with `/` or empty) goes to the
 //! handler.
 
+use super::diskfile::{self, Opened};
 use super::proxy::backend::Target;
 use super::proxy::upstream::Upstream;
 use super::proxy::ProxyRoute;
-use crate::shared::config::{backend_key, Config, FileMode, Route, RouteSecurity, RouteType};
+use crate::shared::config::{
+    backend_key, Config, FileMode, MetricsConfig, Route, RouteSecurity, RouteType,
+};
 use crate::shared::shm::Region;
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -70,6 +73,27 @@ enum HostRoutes {
 pub struct Router {
     hosts: HashMap<String, HostRoutes>,
     wildcard: Option<HostRoutes>,
+    pub metrics: MetricsAccess,
+}
+
+/// `[metrics]`: the metrics endpoint's path, answered before routing on every host, and the
+/// addresses that may read it (empty: all).
+pub struct MetricsAccess {
+    pub path: String,
+    allowed: Vec<IpNet>,
+}
+
+impl MetricsAccess {
+    fn new(m: &MetricsConfig) -> MetricsAccess {
+        MetricsAccess {
+            path: m.path.clone(),
+            allowed: parse_ips(&m.allowed_ips),
+        }
+    }
+
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        self.allowed.is_empty() || self.allowed.iter().any(|n| n.contains(&ip))
+    }
 }
 
 pub struct Matched<'a> {
@@ -133,7 +157,12 @@ impl Router {
             }
             insert(&mut hosts, &mut wildcard, host, HostRoutes::Paths(tree));
         }
-        Ok(Router { hosts, wildcard })
+        let metrics = MetricsAccess::new(&config.metrics);
+        Ok(Router {
+            hosts,
+            wildcard,
+            metrics,
+        })
     }
 
     /// `host` is the Host header's name, already lower-cased and without port.
@@ -176,19 +205,21 @@ fn escape(prefix: &str) -> String {
     prefix.replace('{', "{{").replace('}', "}}")
 }
 
+/// Validation refused every entry that does not parse.
+fn parse_ips(list: &[String]) -> Vec<IpNet> {
+    list.iter()
+        .filter_map(|s| crate::shared::validate::parse_cidr(s))
+        .collect()
+}
+
 fn entry(name: String, prefix: &str, handler: Handler, route: &Route) -> RouteEntry {
-    let parse = |list: &[String]| {
-        list.iter()
-            .filter_map(|s| crate::shared::validate::parse_cidr(s))
-            .collect()
-    };
     RouteEntry {
         name,
         prefix: prefix.trim_end_matches('/').to_string(),
         handler,
         security: route.security.clone(),
-        allowed: parse(&route.security.allowed_ips),
-        denied: parse(&route.security.denied_ips),
+        allowed: parse_ips(&route.security.allowed_ips),
+        denied: parse_ips(&route.security.denied_ips),
     }
 }
 
@@ -285,6 +316,9 @@ fn handler(
 const MEMORY_ROUTE_MAX: u64 = 256 * 1024 * 1024;
 
 /// Reads a `memory` route's file, or every file under its directory, keyed by resolved path.
+/// Only the root itself must load: an entry below it that vanished, may not be read or is not
+/// a regular file is left out (with a warning) and served from disk like a new file, where
+/// such a file gets its 403 or 404.
 fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
     let mut cache = HashMap::new();
     let mut total = 0u64;
@@ -298,33 +332,69 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
         if !path.starts_with(&root) || !seen.insert(path.clone()) {
             continue;
         }
-        let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if meta.is_dir() {
-            let entries =
-                std::fs::read_dir(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            for entry in entries.flatten() {
-                if let Ok(p) = entry.path().canonicalize() {
-                    pending.push(p);
-                }
+        let is_root = path == root;
+        let failed = |why: String| {
+            let msg = format!("{}: {why}", path.display());
+            if is_root {
+                return Err(msg);
             }
-        } else if meta.is_file() {
-            // A single-file route holds its file whatever its size: that is what it asks for.
-            let single = path == root;
-            if !single && total + meta.len() > MEMORY_ROUTE_MAX {
-                log::warn!(
-                    "{}: memory route over {} MiB; served from disk",
-                    path.display(),
-                    MEMORY_ROUTE_MAX >> 20
-                );
+            log::warn!("{msg}; not held in memory");
+            Ok(())
+        };
+        let opened = match diskfile::open(&path) {
+            Ok(opened) => opened,
+            Err(e) => {
+                failed(e.to_string())?;
                 continue;
             }
-            let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            total += data.len() as u64;
-            let bytes = Bytes::from(data);
-            cache.insert(path, Cached { bytes, meta });
+        };
+        match opened {
+            Opened::Dir => match std::fs::read_dir(&path) {
+                Ok(entries) => pending.extend(
+                    entries
+                        .flatten()
+                        .filter_map(|entry| entry.path().canonicalize().ok()),
+                ),
+                Err(e) => failed(e.to_string())?,
+            },
+            Opened::Special => failed("not a regular file or directory".into())?,
+            Opened::File(file, meta) => {
+                // A single-file route holds its file whatever its size: that is what it asks for.
+                if !is_root && total + meta.len() > MEMORY_ROUTE_MAX {
+                    log::warn!(
+                        "{}: memory route over {} MiB; served from disk",
+                        path.display(),
+                        MEMORY_ROUTE_MAX >> 20
+                    );
+                    continue;
+                }
+                match read_cached(file, meta) {
+                    Ok(cached) => {
+                        total += cached.bytes.len() as u64;
+                        cache.insert(path, cached);
+                    }
+                    Err(e) => failed(e.to_string())?,
+                }
+            }
         }
     }
     Ok(cache)
+}
+
+/// Reads at most the `meta.len()` bytes that the memory budget admitted: a file that grows
+/// while read is held as its first `len` bytes, one that shrinks as what was there. Handlers
+/// take the length from the bytes, so what is served is always self-consistent.
+fn read_cached(file: std::fs::File, meta: std::fs::Metadata) -> std::io::Result<Cached> {
+    use std::io::Read;
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    let mut file = file.take(meta.len());
+    file.read_to_end(&mut data)?;
+    // The validators then name the version read (a change during the read moves mtime).
+    let meta = file.get_ref().metadata().unwrap_or(meta);
+    Ok(Cached {
+        bytes: Bytes::from(data),
+        meta,
+    })
 }
 
 /// An O_PATH descriptor of a route's root directory.
@@ -339,4 +409,32 @@ fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
         )
     };
     (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn stat_then_change(before: &[u8], after: &[u8]) -> Cached {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        std::fs::write(&path, before).unwrap();
+        let Ok(Opened::File(file, meta)) = diskfile::open(&path) else {
+            panic!("a regular file");
+        };
+        let mut w = std::fs::File::create(&path).unwrap();
+        w.write_all(after).unwrap();
+        read_cached(file, meta).unwrap()
+    }
+
+    #[test]
+    fn a_file_that_changes_between_stat_and_read_is_held_as_read() {
+        // Shrunk: what is there; grown: no more than was stat'ed (the budget counted that).
+        assert_eq!(&stat_then_change(b"0123456789", b"abc").bytes[..], b"abc");
+        assert_eq!(&stat_then_change(b"0123", b"abcdefghij").bytes[..], b"abcd");
+        // The validators describe the version read.
+        let c = stat_then_change(b"0123456789", b"abc");
+        assert_eq!(c.meta.len(), 3);
+    }
 }
