@@ -74,6 +74,8 @@ path = "{dir}"
   [path_routes."example.com"."/ips".security]
   allowed_ips = ["10.0.0.0/33", "not-an-ip"]
   allowed_methods = ["GET", "get me"]
+  send_timeout_secs = 0
+  backend_read_timeout_secs = 99999999999
 
 [upstreams."pool"]
 servers = ["http://127.0.0.1:1", "ftp://nope"]
@@ -97,6 +99,8 @@ servers = ["http://127.0.0.1:1", "ftp://nope"]
         "invalid IP address or CIDR `not-an-ip`",
         "`path_routes.\"example.com\".\"/ips\".security.allowed_methods`: invalid HTTP method `get me`",
         "`upstreams.\"pool\".servers`: invalid upstream URL `ftp://nope`",
+        "`path_routes.\"example.com\".\"/ips\".security.send_timeout_secs`: must be at least 1",
+        "`path_routes.\"example.com\".\"/ips\".security.backend_read_timeout_secs`: must be at most 31536000",
         "`security.drop_privileges_user`: unknown user `no-such-user-zc`",
         "`security.drop_privileges_group`: unknown group `no-such-group-zc`",
         // Semantic errors carry the line of their key too.
@@ -161,6 +165,10 @@ fn print_shows_the_effective_config_with_defaults() {
         "max_request_header_size = 8192",
         "websocket_poll_mode = \"adaptive\"",
         "websocket_poll_backoff_multiplier = 2.0",
+        "send_timeout_secs = 60",
+        "backend_read_timeout_secs = 60",
+        "backend_send_timeout_secs = 60",
+        "websocket_idle_timeout_secs = 3600",
         "type = \"File\"",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
