@@ -361,6 +361,8 @@ pub fn test_pki(
     dir: &std::path::Path,
 ) -> (std::sync::Arc<rustls::ServerConfig>, std::path::PathBuf) {
     let p = pki();
+    // Workers and health checkers read the CA file as `nobody`.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let ca_path = dir.join("ca.pem");
     std::fs::write(&ca_path, &p.ca_pem).unwrap();
     (p.server, ca_path)
