@@ -24,9 +24,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 pub const EXIT_STARTUP_FAILED: i32 = 2;
 /// After SIGTERM, how long workers get before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(3);
-/// A child that dies sooner than this after its fork is crash-looping: it is re-forked after
-/// a delay that doubles with each such death, from `BACKOFF_FIRST` up to `BACKOFF_MAX`, so a
-/// crash loop cannot keep the master forking. A death after a longer life resets the delay.
+/// A child that dies sooner than this after its fork, twice or more in a row, is crash-looping:
+/// it is re-forked after a delay that doubles with each such death, from `BACKOFF_FIRST` up
+/// to `BACKOFF_MAX`, so a crash loop cannot keep the master forking. A death after a longer
+/// life resets the delay.
 const QUICK_DEATH: Duration = Duration::from_secs(1);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -64,8 +65,13 @@ impl Backoff {
             return Duration::ZERO;
         }
         self.quick_deaths = self.quick_deaths.saturating_add(1);
-        let doublings = (self.quick_deaths - 1).min(16);
-        BACKOFF_FIRST.saturating_mul(1 << doublings).min(BACKOFF_MAX)
+        // One early death is re-forked at once, like any other: a loop is two in a row.
+        let Some(doublings) = self.quick_deaths.checked_sub(2) else {
+            return Duration::ZERO;
+        };
+        BACKOFF_FIRST
+            .saturating_mul(1 << doublings.min(16))
+            .min(BACKOFF_MAX)
     }
 }
 

@@ -215,7 +215,9 @@ fn cycle(
             return Ok(());
         }
         if std::mem::take(&mut flags.quit) && !quitting {
-            log::info!("graceful shutdown: draining every worker (TERM or INT again: stop at once)");
+            log::info!(
+                "graceful shutdown: draining every worker (TERM or INT again: stop at once)"
+            );
             quitting = true;
             gens.drain_all(
                 Duration::from_secs(config.server.shutdown_timeout_secs),

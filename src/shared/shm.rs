@@ -255,7 +255,9 @@ impl Header {
         if name.len() > HOST_NAME_LEN {
             return None;
         }
-        let entries = self.hosts[..MAX_HOSTS - 1].iter().map(|h| (&h.len, &h.bytes));
+        let entries = self.hosts[..MAX_HOSTS - 1]
+            .iter()
+            .map(|h| (&h.len, &h.bytes));
         let i = register(entries, &self.host_count, name, HOST_NAME_LEN)?;
         Some(i as u16 + 1)
     }
@@ -311,10 +313,7 @@ fn register<'a, const N: usize>(
         return None;
     }
     for (i, (len, bytes)) in entries.enumerate() {
-        if len
-            .compare_exchange(0, WRITING, AcqRel, Acquire)
-            .is_ok()
-        {
+        if len.compare_exchange(0, WRITING, AcqRel, Acquire).is_ok() {
             unsafe { (&mut *bytes.get())[..name.len()].copy_from_slice(name.as_bytes()) };
             len.store(name.len() as u64, Release);
             count.fetch_max(i as u64 + 1, AcqRel);
@@ -543,7 +542,10 @@ mod tests {
         }
         let newcomer = keys[RATE_PROBES];
         assert!(h.rate_admit(newcomer, now, 1), "gets an entry");
-        assert!(!h.rate_admit(newcomer, now, 1), "and is limited: not failing open");
+        assert!(
+            !h.rate_admit(newcomer, now, 1),
+            "and is limited: not failing open"
+        );
         for &k in &keys[1..RATE_PROBES] {
             assert!(!h.rate_admit(k, now, 1), "recent entries are kept");
         }
@@ -581,7 +583,12 @@ mod tests {
         let register = || {
             names
                 .iter()
-                .map(|n| (region.header.register_host(n), region.header.register_backend(n)))
+                .map(|n| {
+                    (
+                        region.header.register_host(n),
+                        region.header.register_backend(n),
+                    )
+                })
                 .collect::<Vec<_>>()
         };
         let (a, b) = std::thread::scope(|s| {
@@ -593,7 +600,10 @@ mod tests {
         assert_eq!(h.host_count(), names.len());
         assert_eq!(h.backend_count.load(Relaxed) as usize, names.len());
         for (n, (host, backend)) in names.iter().zip(&a) {
-            assert_eq!(h.host_name(usize::from(host.unwrap())).as_deref(), Some(n.as_str()));
+            assert_eq!(
+                h.host_name(usize::from(host.unwrap())).as_deref(),
+                Some(n.as_str())
+            );
             assert_eq!(h.backend_key(backend.unwrap()).as_deref(), Some(n.as_str()));
         }
     }

@@ -318,7 +318,16 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
                 );
                 continue;
             }
-            let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let data = match std::fs::read(&path) {
+                Ok(data) => data,
+                // Read with the worker's rights: what it may not read stays on disk, where a
+                // request for it gets 403, as for a sendfile route.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    log::warn!("{}: {e}; not held in memory", path.display());
+                    continue;
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            };
             total += data.len() as u64;
             let bytes = Bytes::from(data);
             cache.insert(path, Cached { bytes, meta });

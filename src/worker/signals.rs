@@ -42,11 +42,7 @@ pub fn install() -> std::io::Result<UnixStream> {
     for s in HANDLED {
         handled.add(s);
     }
-    let handler = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        handled,
-    );
+    let handler = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, handled);
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     unsafe {
         for s in HANDLED {
