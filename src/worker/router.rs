@@ -320,9 +320,9 @@ fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
             }
             let data = match std::fs::read(&path) {
                 Ok(data) => data,
-                // Read with the worker's rights: what it may not read stays on disk, where a
-                // request for it gets 403, as for a sendfile route.
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                // Read with the worker's rights: a file of a directory that it may not read
+                // stays on disk, where a request for it gets 403, as on a sendfile route.
+                Err(e) if !single && e.kind() == std::io::ErrorKind::PermissionDenied => {
                     log::warn!("{}: {e}; not held in memory", path.display());
                     continue;
                 }
