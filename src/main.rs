@@ -26,7 +26,8 @@ Options:
   -t          check the configuration: print every error, exit 0 (valid) or 1
   -T          check the configuration and print it with every default filled in
   -s SIGNAL   send SIGNAL to the running master (pid from server.pid_file):
-              reload (HUP), reopen (USR1), quit (QUIT, graceful), stop (TERM, fast)
+              reload (HUP), reopen (USR1), quit (QUIT, graceful),
+              stop (TERM queued with a fast-stop value: workers exit at once)
   -V, --version   print the version
   -h, --help      print this help
 ";
@@ -163,7 +164,11 @@ fn send_signal(source: &ConfigSource, name: &str) -> Result<()> {
         bail!("-s needs `server.pid_file` in the configuration to find the master");
     };
     let pid = master::read_pid_file(Path::new(&pid_file))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
-        .with_context(|| format!("cannot signal master {pid}"))?;
+    let sent = if name == "stop" {
+        master::queue_fast_stop(pid).map_err(anyhow::Error::from)
+    } else {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(anyhow::Error::from)
+    };
+    sent.with_context(|| format!("cannot signal master {pid}"))?;
     Ok(())
 }

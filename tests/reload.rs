@@ -196,7 +196,7 @@ fn quit_finishes_a_slow_download_then_exits_and_removes_the_pid_file() {
 }
 
 #[test]
-fn term_closes_at_once() {
+fn term_with_nothing_in_flight_exits_promptly() {
     let mut s = start();
     let workers = s.workers();
     s.signal(libc::SIGTERM);

@@ -24,6 +24,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 pub const EXIT_STARTUP_FAILED: i32 = 2;
 /// After SIGTERM, how long workers get before SIGKILL.
 const TERMINATE_GRACE: Duration = Duration::from_secs(3);
+/// A child that dies sooner than this after its fork, twice or more in a row, is crash-looping:
+/// it is re-forked after a delay that doubles with each such death, from `BACKOFF_FIRST` up
+/// to `BACKOFF_MAX`, so a crash loop cannot keep the master forking. A death after a longer
+/// life resets the delay.
+const QUICK_DEATH: Duration = Duration::from_secs(1);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// What forking a worker needs, fixed for the master's life.
 pub struct SpawnEnv {
@@ -38,6 +45,34 @@ struct Worker {
     pid: Pid,
     /// `None` for the health checker.
     slot: Option<usize>,
+    forked: Instant,
+}
+
+/// Crash-loop state of one worker index (or the health checker) of a generation.
+#[derive(Clone, Copy, Default)]
+struct Backoff {
+    /// Deaths in a row, each within `QUICK_DEATH` of its fork.
+    quick_deaths: u32,
+    /// When the next child is forked, while it waits.
+    respawn_at: Option<Instant>,
+}
+
+impl Backoff {
+    /// Records a death after `lived`; returns how long to wait before re-forking.
+    fn on_death(&mut self, lived: Duration) -> Duration {
+        if lived >= QUICK_DEATH {
+            self.quick_deaths = 0;
+            return Duration::ZERO;
+        }
+        self.quick_deaths = self.quick_deaths.saturating_add(1);
+        // One early death is re-forked at once, like any other: a loop is two in a row.
+        let Some(doublings) = self.quick_deaths.checked_sub(2) else {
+            return Duration::ZERO;
+        };
+        BACKOFF_FIRST
+            .saturating_mul(1 << doublings.min(16))
+            .min(BACKOFF_MAX)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -51,8 +86,12 @@ struct Generation {
     id: u64,
     config: Arc<Config>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Who its children run as (`shared::worker_identity`).
+    identity: Option<(u32, u32)>,
     /// One entry per worker index; the health checker, if any, is the last entry.
     workers: Vec<Option<Worker>>,
+    /// Same indices as `workers`.
+    backoff: Vec<Backoff>,
     /// How many of `workers` are workers (the rest is the health checker).
     count: usize,
     state: State,
@@ -65,6 +104,29 @@ impl Generation {
 
     fn is_health(&self, index: usize) -> bool {
         index >= self.count
+    }
+
+    fn what(&self, index: usize) -> String {
+        if self.is_health(index) {
+            "health checker".to_string()
+        } else {
+            format!("worker {index}")
+        }
+    }
+
+    /// Still has a child, or one waiting to be re-forked, or is the one that serves.
+    fn keep(&self) -> bool {
+        self.live().next().is_some()
+            || self.state == State::Active
+            || self.backoff.iter().any(|b| b.respawn_at.is_some())
+    }
+
+    /// Stops replacing children: what is left drains until `deadline`.
+    fn set_draining(&mut self, deadline: Instant) {
+        self.state = State::Draining(deadline);
+        for b in &mut self.backoff {
+            b.respawn_at = None;
+        }
     }
 }
 
@@ -123,11 +185,14 @@ impl Generations {
             ),
             None => None,
         };
+        let identity = shared::worker_identity(&config.security).map_err(|e| anyhow!(e))?;
         let mut generation = Generation {
             id,
             config,
             tls,
+            identity,
             workers: (0..count + usize::from(health)).map(|_| None).collect(),
+            backoff: vec![Backoff::default(); count + usize::from(health)],
             count,
             state: State::Starting(Instant::now()),
         };
@@ -184,16 +249,14 @@ impl Generations {
             return;
         };
         let generation = &mut self.list[g];
-        let worker = generation.workers[index].take().expect("found above");
+        let Some(worker) = generation.workers[index].take() else {
+            return;
+        };
         if let Some(slot) = worker.slot {
             self.env.region.release_slot(slot);
         }
         let id = generation.id;
-        let what = if generation.is_health(index) {
-            "health checker".to_string()
-        } else {
-            format!("worker {index}")
-        };
+        let what = generation.what(index);
         match generation.state {
             _ if self.stopping => log::info!("generation {id}: {what} (pid {pid}) done ({how})"),
             State::Draining(_) => log::info!("generation {id}: {what} (pid {pid}) done ({how})"),
@@ -205,22 +268,87 @@ impl Generations {
                 log::error!("generation {id}: {what} (pid {pid}) failed to start; not respawned")
             }
             State::Starting(_) | State::Active => {
-                log::warn!("generation {id}: {what} (pid {pid}) died ({how}); respawning");
                 self.env.region.header.restarts.fetch_add(1, Relaxed);
-                let generation = &self.list[g];
-                let forked = if generation.is_health(index) {
-                    spawn_health(&self.env, generation)
+                let lived = worker.forked.elapsed();
+                let delay = generation.backoff[index].on_death(lived);
+                if delay.is_zero() {
+                    log::warn!("generation {id}: {what} (pid {pid}) died ({how}); respawning");
+                    self.respawn(g, index);
                 } else {
-                    spawn(&self.env, generation, index)
-                };
-                match forked {
-                    Ok(w) => self.list[g].workers[index] = Some(w),
-                    Err(e) => log::error!("cannot respawn the {what}: {e:#}"),
+                    log::warn!(
+                        "generation {id}: {what} (pid {pid}) died ({how}) {} ms after its start; respawning in {} ms",
+                        lived.as_millis(),
+                        delay.as_millis()
+                    );
+                    generation.backoff[index].respawn_at = Some(Instant::now() + delay);
                 }
             }
         }
-        self.list
-            .retain(|g| g.live().next().is_some() || g.state == State::Active);
+        if worker.slot.is_none() {
+            self.clear_unwatched_backends();
+        }
+        self.list.retain(Generation::keep);
+    }
+
+    /// Forks a replacement for child `index` of generation `g`; if that fails, tries again
+    /// later, as for a crash.
+    fn respawn(&mut self, g: usize, index: usize) {
+        let generation = &self.list[g];
+        let forked = if generation.is_health(index) {
+            spawn_health(&self.env, generation)
+        } else {
+            spawn(&self.env, generation, index)
+        };
+        let generation = &mut self.list[g];
+        match forked {
+            Ok(w) => generation.workers[index] = Some(w),
+            Err(e) => {
+                let delay = generation.backoff[index].on_death(Duration::ZERO);
+                log::error!(
+                    "generation {}: cannot respawn the {}: {e:#}; trying again in {} ms",
+                    generation.id,
+                    generation.what(index),
+                    delay.as_millis()
+                );
+                generation.backoff[index].respawn_at = Some(Instant::now() + delay);
+            }
+        }
+    }
+
+    /// Forks the children whose backoff delay is over.
+    fn respawn_due(&mut self, now: Instant) {
+        for g in 0..self.list.len() {
+            for index in 0..self.list[g].backoff.len() {
+                let b = &mut self.list[g].backoff[index];
+                if b.respawn_at.is_some_and(|t| t <= now) {
+                    b.respawn_at = None;
+                    if !self.stopping {
+                        self.respawn(g, index);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A health check that a reload removed must not leave its servers marked down: servers
+    /// that the serving generation does not check are healthy. Called when a generation is
+    /// promoted and when a health checker exits (after which it writes nothing more).
+    fn clear_unwatched_backends(&self) {
+        let Some(active) = self.list.iter().find(|g| g.state == State::Active) else {
+            return;
+        };
+        let header = &self.env.region.header;
+        for (name, up) in &active.config.upstreams {
+            if up.health_check.is_some() {
+                continue;
+            }
+            for s in &up.servers {
+                let key = crate::shared::config::backend_key(name, s.url());
+                if let Some(i) = header.find_backend(&key) {
+                    header.backends[i].unhealthy.store(0, Relaxed);
+                }
+            }
+        }
     }
 
     fn find(&self, pid: Pid) -> Option<(usize, usize)> {
@@ -250,13 +378,14 @@ impl Generations {
                 log::error!("generation {}: start aborted", g.id);
             }
             signal_all(g, Signal::SIGKILL);
-            g.state = State::Draining(Instant::now());
+            g.set_draining(Instant::now());
         }
     }
 
     /// Promotes a new generation that serves (draining the old), and kills overdue ones.
     pub fn advance(&mut self, drain_timeout: Duration) -> Result<()> {
         let now = Instant::now();
+        self.respawn_due(now);
         let region = self.env.region;
         let mut result = Ok(());
         if let Some(g) = self
@@ -277,11 +406,12 @@ impl Generations {
                         "generation {}: draining (replaced by generation {id})",
                         old.id
                     );
-                    old.state = State::Draining(now + drain_timeout);
+                    old.set_draining(now + drain_timeout);
                     signal_all(old, Signal::SIGQUIT);
                 }
                 self.list[g].state = State::Active;
                 log::info!("generation {id}: serving");
+                self.clear_unwatched_backends();
             } else if matches!(generation.state, State::Starting(t) if now.duration_since(t) > START_TIMEOUT)
             {
                 result = Err(anyhow!(
@@ -319,16 +449,19 @@ impl Generations {
         for g in &mut self.list {
             if !matches!(g.state, State::Draining(_)) {
                 signal_all(g, Signal::SIGQUIT);
-                g.state = State::Draining(deadline);
+                g.set_draining(deadline);
             }
         }
         self.list.retain(|g| g.live().next().is_some());
     }
 
-    /// SIGTERM/SIGINT: every worker closes at once.
+    /// Fast stop: every worker closes at once. A worker reads TERM as "drain" unless it
+    /// drains already, so it gets QUIT first (its handlers take pending signals lowest first,
+    /// one at a time: QUIT, then TERM).
     pub fn terminate_all(&mut self) {
         self.stopping = true;
         for g in &self.list {
+            signal_all(g, Signal::SIGQUIT);
             signal_all(g, Signal::SIGTERM);
         }
         let deadline = Instant::now() + TERMINATE_GRACE;
@@ -372,6 +505,7 @@ fn spawn(env: &SpawnEnv, generation: &Generation, index: usize) -> Result<Worker
             Ok(Worker {
                 pid,
                 slot: Some(slot),
+                forked: Instant::now(),
             })
         }
         Err(e) => {
@@ -384,26 +518,21 @@ fn spawn(env: &SpawnEnv, generation: &Generation, index: usize) -> Result<Worker
 /// Forks the generation's health checker.
 fn spawn_health(env: &SpawnEnv, generation: &Generation) -> Result<Worker> {
     let pid = fork_child(env, generation, Role::Health)?;
-    Ok(Worker { pid, slot: None })
+    Ok(Worker {
+        pid,
+        slot: None,
+        forked: Instant::now(),
+    })
 }
 
 fn fork_child(env: &SpawnEnv, generation: &Generation, role: Role) -> Result<Pid> {
-    let security = &generation.config.security;
-    let user = security
-        .drop_privileges_user
-        .as_deref()
-        .map(|u| shared::resolve_user(u).ok_or_else(|| anyhow!("unknown user `{u}`")))
-        .transpose()?;
-    let group = security
-        .drop_privileges_group
-        .as_deref()
-        .map(|g| shared::resolve_group(g).ok_or_else(|| anyhow!("unknown group `{g}`")))
-        .transpose()?;
     match unsafe { fork() } {
         Err(e) => Err(anyhow!("fork: {e}")),
         Ok(ForkResult::Parent { child }) => Ok(child),
         Ok(ForkResult::Child) => {
-            super::signals::reset_in_child();
+            // The master's signal mask stays: a QUIT or USR1 sent while the child loads its
+            // routes waits, pending, until its handlers are installed (`signals::install`
+            // unblocks), rather than killing it with the default action.
             let (index, slot, main) = match role {
                 Role::Worker { index, slot } => (Some(index), slot, env.worker_main),
                 Role::Health => (None, usize::MAX, env.health_main),
@@ -429,8 +558,7 @@ fn fork_child(env: &SpawnEnv, generation: &Generation, role: Role) -> Result<Pid
                 builtin: env.builtin,
                 listeners: own,
                 shm: env.region,
-                user,
-                group,
+                identity: generation.identity,
             })
         }
     }

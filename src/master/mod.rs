@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use pidfile::read as read_pid_file;
+pub use signals::queue_fast_stop;
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -102,6 +103,7 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
         None => None,
     };
     notify_systemd();
+    log_worker_identity(&config);
     log::info!(
         "master {} started: {} workers on {}",
         std::process::id(),
@@ -162,12 +164,16 @@ fn cycle(
     loop {
         // Take every pending signal before acting, so a burst becomes one set of flags.
         let mut timeout = TICK;
-        while let Some(sig) = signals::next(timeout) {
+        while let Some(got) = signals::next(timeout) {
             timeout = Duration::ZERO;
-            match sig {
+            match got.signal {
                 Signal::SIGHUP => flags.reload = true,
-                Signal::SIGQUIT => flags.quit = true,
-                Signal::SIGTERM | Signal::SIGINT => flags.terminate = true,
+                // The spec: TERM and INT (Ctrl+C) are graceful, as QUIT; one while a graceful
+                // stop is under way, or `-s stop`, makes it fast.
+                Signal::SIGTERM | Signal::SIGINT if got.fast_stop || quitting || flags.quit => {
+                    flags.terminate = true
+                }
+                Signal::SIGQUIT | Signal::SIGTERM | Signal::SIGINT => flags.quit = true,
                 Signal::SIGCHLD => flags.reap = true,
                 Signal::SIGUSR1 => flags.reopen = true,
                 Signal::SIGUSR2 => flags.upgrade = true,
@@ -183,14 +189,12 @@ fn cycle(
                     log::error!(
                         "binary upgrade: the new master (pid {pid}) exited; this master stays"
                     );
-                    if let (Some(p), Some(path)) = (up.pid_file.as_mut(), &config.server.pid_file) {
-                        p.restore_name(Path::new(path));
-                    }
+                    restore_pid_file(up, config.server.pid_file.as_deref());
                 }
             }
         }
         if std::mem::take(&mut flags.upgrade) && !quitting {
-            start_upgrade(up, gens);
+            start_upgrade(up, gens, config.server.pid_file.as_deref());
         }
         if std::mem::take(&mut flags.winch) && !quitting {
             log::info!(
@@ -211,7 +215,9 @@ fn cycle(
             return Ok(());
         }
         if std::mem::take(&mut flags.quit) && !quitting {
-            log::info!("graceful shutdown: draining every worker");
+            log::info!(
+                "graceful shutdown: draining every worker (TERM or INT again: stop at once)"
+            );
             quitting = true;
             gens.drain_all(
                 Duration::from_secs(config.server.shutdown_timeout_secs),
@@ -315,37 +321,35 @@ fn bind_listeners(config: &Config, workers: usize) -> Result<Vec<listeners::List
 /// USR1 (logrotate): the master reopens the log file, hands it to the workers' user (who
 /// cannot create files where root keeps logs), then tells every child to reopen it too.
 fn reopen_logs(config: &Config, gens: &Generations) {
-    if let Err(e) = shared::log::init_direct(&config.logging, "master") {
+    let owner = shared::worker_identity(&config.security).unwrap_or_else(|e| {
+        log::warn!("USR1: the log file stays root's: {e}");
+        None
+    });
+    if let Err(e) = shared::log::init_direct_owned(&config.logging, "master", owner) {
         log::error!("USR1: cannot reopen the log file: {e}");
         return;
-    }
-    if let (Some(path), Some(user)) = (
-        &config.logging.file_path,
-        &config.security.drop_privileges_user,
-    ) {
-        let ids = shared::resolve_user(user);
-        let group = config
-            .security
-            .drop_privileges_group
-            .as_deref()
-            .and_then(shared::resolve_group);
-        if let Some((uid, gid)) = ids {
-            let gid = group.unwrap_or(gid);
-            if let Err(e) = nix::unistd::chown(
-                Path::new(path),
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            ) {
-                log::warn!("USR1: cannot hand {path} to `{user}`: {e}");
-            }
-        }
     }
     log::info!("USR1: log file reopened; workers reopen theirs");
     gens.signal_children(Signal::SIGUSR1);
 }
 
+/// Says once, at start, who the workers run as when the config does not say it.
+fn log_worker_identity(config: &Config) {
+    let user = config.security.drop_privileges_user.as_deref();
+    match (shared::worker_identity(&config.security), user) {
+        (Ok(Some((uid, gid))), None) => log::info!(
+            "no `security.drop_privileges_user`: workers and health checkers run as `{}` (uid {uid}, gid {gid})",
+            shared::DEFAULT_WORKER_USER
+        ),
+        (Ok(None), Some(user)) => log::warn!(
+            "`security.drop_privileges_user = \"{user}\"` has no effect: not started as root"
+        ),
+        _ => {}
+    }
+}
+
 /// USR2: start the binary on disk as a new master that takes the listeners and the region.
-fn start_upgrade(up: &mut Upgrade, gens: &Generations) {
+fn start_upgrade(up: &mut Upgrade, gens: &Generations, pid_path: Option<&str>) {
     if let Some(pid) = up.child {
         log::warn!("USR2: a new master (pid {pid}) is already running");
         return;
@@ -362,7 +366,17 @@ fn start_upgrade(up: &mut Upgrade, gens: &Generations) {
             log::info!("USR2: new master {pid} started from {}; WINCH then QUIT this one ({}) when it serves", exe.display(), std::process::id());
             up.child = Some(pid);
         }
-        Err(e) => log::error!("USR2: binary upgrade failed, this master keeps serving: {e:#}"),
+        Err(e) => {
+            log::error!("USR2: binary upgrade failed, this master keeps serving: {e:#}");
+            restore_pid_file(up, pid_path);
+        }
+    }
+}
+
+/// The upgrade is over without a new master: `.oldbin` takes back the plain name.
+fn restore_pid_file(up: &mut Upgrade, pid_path: Option<&str>) {
+    if let (Some(p), Some(path)) = (up.pid_file.as_mut(), pid_path) {
+        p.restore_name(Path::new(path));
     }
 }
 

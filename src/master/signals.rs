@@ -29,22 +29,40 @@ pub fn block() -> nix::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&handled_set()), None)
 }
 
+/// `si_value` of the SIGTERM that `zerocopy-server -s stop` queues: a fast stop in one
+/// signal (two plain TERMs sent back to back may merge into one, which is graceful).
+const FAST_STOP: usize = 0x7a63_5354;
+
+/// A signal taken from the pending set.
+pub struct Received {
+    pub signal: Signal,
+    /// Queued by `-s stop` (`queue_fast_stop`).
+    pub fast_stop: bool,
+}
+
 /// Waits up to `timeout` for one handled signal.
-pub fn next(timeout: Duration) -> Option<Signal> {
+pub fn next(timeout: Duration) -> Option<Received> {
     let set = handled_set();
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
-    if n > 0 {
-        Signal::try_from(n).ok()
-    } else {
-        None
-    }
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), &mut info, &ts) };
+    let signal = Signal::try_from(n).ok()?;
+    let fast_stop = signal == Signal::SIGTERM
+        && info.si_code == libc::SI_QUEUE
+        && unsafe { info.si_value() }.sival_ptr as usize == FAST_STOP;
+    Some(Received { signal, fast_stop })
 }
 
-/// In a freshly forked child: nothing blocked, every handled signal back to its default.
-pub fn reset_in_child() {
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+/// `-s stop`: a SIGTERM to `pid` that its master reads as a fast stop.
+pub fn queue_fast_stop(pid: i32) -> std::io::Result<()> {
+    let value = libc::sigval {
+        sival_ptr: FAST_STOP as *mut libc::c_void,
+    };
+    if unsafe { libc::sigqueue(pid, libc::SIGTERM, value) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

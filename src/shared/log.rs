@@ -100,10 +100,28 @@ fn write_line(w: &mut dyn Write, role: &Mutex<String>, record: &Record) {
 /// Installs the dispatcher (first call) and points it at the configured file or stderr,
 /// writing synchronously. Called by the master at start and on every reload.
 pub fn init_direct(cfg: &LoggingConfig, role: &str) -> std::io::Result<()> {
+    init_direct_owned(cfg, role, None)
+}
+
+/// As `init_direct`; the file, once open, is handed to `owner` (uid, gid) through its
+/// descriptor: a path could have been swapped for a link between open and chown.
+pub fn init_direct_owned(
+    cfg: &LoggingConfig,
+    role: &str,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     let _ = log::set_logger(&LOGGER);
     *LOGGER.role.lock().unwrap_or_else(|p| p.into_inner()) = role.to_string();
     let writer: Box<dyn Write + Send> = match &cfg.file_path {
-        Some(path) => Box::new(open_log_file(path)?),
+        Some(path) => {
+            let file = open_log_file(path)?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot hand {path} to uid {uid}: {e}"))
+                })?;
+            }
+            Box::new(file)
+        }
         None => Box::new(Stderr),
     };
     *LOGGER.sink.lock().unwrap_or_else(|p| p.into_inner()) = Sink::Direct(writer);

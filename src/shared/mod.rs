@@ -27,9 +27,8 @@ pub struct WorkerStart {
     pub shm: &'static shm::Region,
     /// TLS termination for `server.listen` (the first listener), when `[tls]` is set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// uid/gid to switch to, resolved by the master while validating.
-    pub user: Option<(u32, u32)>,
-    pub group: Option<u32>,
+    /// uid and gid to switch to (`worker_identity`); `None`: the master is not root.
+    pub identity: Option<(u32, u32)>,
 }
 
 /// The worker entry point, handed to the master by `main` so that `master` never depends on
@@ -45,6 +44,41 @@ pub fn resolve_user(name: &str) -> Option<(u32, u32)> {
 pub fn resolve_group(name: &str) -> Option<u32> {
     let g = nix::unistd::Group::from_name(name).ok().flatten()?;
     Some(g.gid.as_raw())
+}
+
+/// Who workers and health checkers run as when started as root without
+/// `security.drop_privileges_user`: nginx's default.
+pub const DEFAULT_WORKER_USER: &str = "nobody";
+
+/// The uid and gid that workers and health checkers switch to. `None` when the master is not
+/// root: it cannot switch (the spec: dropping privileges applies to a start as root), and
+/// its children already run unprivileged. As root, the configured user, else `nobody`, so
+/// that no process that parses client or backend bytes ever runs as root.
+pub fn worker_identity(s: &config::GlobalSecurity) -> Result<Option<(u32, u32)>, String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let name = s
+        .drop_privileges_user
+        .as_deref()
+        .unwrap_or(DEFAULT_WORKER_USER);
+    let (uid, primary) = resolve_user(name).ok_or_else(|| match &s.drop_privileges_user {
+        Some(_) => format!("`security.drop_privileges_user`: unknown user `{name}`"),
+        None => format!(
+            "no `security.drop_privileges_user` and no user `{name}`: set one, workers never run as root"
+        ),
+    })?;
+    if uid == 0 {
+        return Err(format!(
+            "`security.drop_privileges_user`: `{name}` is root; workers never run as root"
+        ));
+    }
+    let gid = match s.drop_privileges_group.as_deref() {
+        Some(g) => resolve_group(g)
+            .ok_or_else(|| format!("`security.drop_privileges_group`: unknown group `{g}`"))?,
+        None => primary,
+    };
+    Ok(Some((uid, gid)))
 }
 
 /// The configuration used when no config file is given and `./config.toml` does not exist:

@@ -8,14 +8,20 @@
 //! * `Region` is `repr(C)` and made only of atomics and write-once byte arrays, so the same
 //!   memory is valid in every process. `Header::layout` holds `LAYOUT_VERSION`; a process that
 //!   finds another value refuses the region.
-//! * Writers: the master alone writes the header (restart counter, host table) and the slot
-//!   bookkeeping (`owner_pid`, `worker_index`, `generation`). A worker writes only the
-//!   counters of its own slot, with relaxed atomics: one writer per cache line, no locks.
+//! * Writers: the masters alone write the header (restart counter, host and backend tables)
+//!   and the slot bookkeeping (`owner_pid`, `worker_index`, `generation`). During a binary
+//!   upgrade two masters share the region, so every claim is a compare-and-swap: a slot goes
+//!   from `STATE_FREE` to `STATE_STARTING`, a table entry's length from 0 to `WRITING`. A
+//!   worker writes only the counters of its own slot, with relaxed atomics: one writer per
+//!   cache line, no locks.
 //! * Readers: `/__metrics` in any worker sums every slot that was ever used. Slots are reused
 //!   (a new worker takes a free slot of the same worker index) but never zeroed, so a counter
 //!   summed over all slots never goes back — not on reload, crash or upgrade.
-//! * The host table is append-only: host names are written before `host_count` is published
-//!   with `Release`, and read only below the `Acquire`d count.
+//! * The host and backend tables are append-only. An entry is claimed by swapping its length
+//!   from 0 to `WRITING`, written, then published by storing its real length (`Release`) and
+//!   raising the count; readers look only below the `Acquire`d count, at published entries.
+//!   A master scans entries in order and waits for one being written, so two masters that
+//!   register the same name concurrently find the same entry.
 
 use std::cell::UnsafeCell;
 use std::fs::File;
@@ -34,8 +40,13 @@ const REQ_ENTRIES: usize = 1024;
 pub const MAX_BACKENDS: usize = 256;
 pub const BACKEND_KEY_LEN: usize = 248;
 const RATE_ENTRIES: usize = 16 * 1024;
-/// Entries looked at for one key before the limiter gives up (and lets the request pass).
+/// Entries looked at for one key; when all are taken, the least recently used is evicted.
 const RATE_PROBES: usize = 16;
+/// The length of a table entry that a master is writing (claimed, not yet published).
+const WRITING: u64 = u64::MAX;
+/// How long a master waits for an entry another master is writing (a few stores; only a
+/// master killed mid-write leaves one behind, and it is then skipped).
+const WRITING_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 const DUR_ENTRIES: usize = 256;
 
 /// Request-duration buckets, seconds (Prometheus' defaults).
@@ -228,9 +239,7 @@ impl Header {
             return None;
         }
         let h = &self.hosts[i - 1];
-        let len = h.len.load(Acquire) as usize;
-        let bytes = unsafe { &*h.bytes.get() };
-        Some(String::from_utf8_lossy(&bytes[..len.min(HOST_NAME_LEN)]).into_owned())
+        published(&h.len, &h.bytes, HOST_NAME_LEN)
     }
 
     /// Label index of `name`, if it is in the table.
@@ -240,21 +249,17 @@ impl Header {
             .map(|i| i as u16)
     }
 
-    /// Adds `name` to the host table (master only). `None` when the table is full or the name
+    /// Adds `name` to the host table (masters only). `None` when the table is full or the name
     /// too long: such a host is counted as `other`.
     pub fn register_host(&self, name: &str) -> Option<u16> {
-        if let Some(i) = self.find_host(name) {
-            return Some(i);
-        }
-        let n = self.host_count();
-        if n >= MAX_HOSTS - 1 || name.len() > HOST_NAME_LEN {
+        if name.len() > HOST_NAME_LEN {
             return None;
         }
-        let h = &self.hosts[n];
-        unsafe { (&mut *h.bytes.get())[..name.len()].copy_from_slice(name.as_bytes()) };
-        h.len.store(name.len() as u64, Release);
-        self.host_count.store(n as u64 + 1, Release);
-        Some(n as u16 + 1)
+        let entries = self.hosts[..MAX_HOSTS - 1]
+            .iter()
+            .map(|h| (&h.len, &h.bytes));
+        let i = register(entries, &self.host_count, name, HOST_NAME_LEN)?;
+        Some(i as u16 + 1)
     }
 }
 
@@ -264,9 +269,7 @@ impl Header {
             return None;
         }
         let b = &self.backends[i];
-        let len = b.key_len.load(Acquire) as usize;
-        let bytes = unsafe { &*b.key.get() };
-        Some(String::from_utf8_lossy(&bytes[..len.min(BACKEND_KEY_LEN)]).into_owned())
+        published(&b.key_len, &b.key, BACKEND_KEY_LEN)
     }
 
     pub fn find_backend(&self, key: &str) -> Option<usize> {
@@ -274,32 +277,71 @@ impl Header {
         (0..n).find(|&i| self.backend_key(i).as_deref() == Some(key))
     }
 
-    /// Adds a backend key (master only); `None` when the table is full or the key too long.
+    /// Adds a backend key (masters only); `None` when the table is full or the key too long.
     pub fn register_backend(&self, key: &str) -> Option<usize> {
-        if let Some(i) = self.find_backend(key) {
-            return Some(i);
-        }
-        let n = self.backend_count.load(Acquire) as usize;
-        if n >= MAX_BACKENDS || key.len() > BACKEND_KEY_LEN {
+        if key.len() > BACKEND_KEY_LEN {
             return None;
         }
-        let b = &self.backends[n];
-        unsafe { (&mut *b.key.get())[..key.len()].copy_from_slice(key.as_bytes()) };
-        b.key_len.store(key.len() as u64, Release);
-        self.backend_count.store(n as u64 + 1, Release);
-        Some(n)
+        let entries = self.backends.iter().map(|b| (&b.key_len, &b.key));
+        register(entries, &self.backend_count, key, BACKEND_KEY_LEN)
     }
+}
+
+/// The text of a published table entry; `None` while it is free or being written.
+fn published<const N: usize>(
+    len: &AtomicU64,
+    bytes: &UnsafeCell<[u8; N]>,
+    max: usize,
+) -> Option<String> {
+    let len = len.load(Acquire);
+    if len == 0 || len > max as u64 {
+        return None;
+    }
+    let bytes = unsafe { &*bytes.get() };
+    Some(String::from_utf8_lossy(&bytes[..len as usize]).into_owned())
+}
+
+/// Finds `name` in an append-only table or claims the first free entry for it (see the
+/// protocol at the top). Returns its index.
+fn register<'a, const N: usize>(
+    entries: impl Iterator<Item = (&'a AtomicU64, &'a UnsafeCell<[u8; N]>)>,
+    count: &AtomicU64,
+    name: &str,
+    max: usize,
+) -> Option<usize> {
+    if name.is_empty() {
+        return None;
+    }
+    for (i, (len, bytes)) in entries.enumerate() {
+        if len.compare_exchange(0, WRITING, AcqRel, Acquire).is_ok() {
+            unsafe { (&mut *bytes.get())[..name.len()].copy_from_slice(name.as_bytes()) };
+            len.store(name.len() as u64, Release);
+            count.fetch_max(i as u64 + 1, AcqRel);
+            return Some(i);
+        }
+        let deadline = std::time::Instant::now() + WRITING_WAIT;
+        while len.load(Acquire) == WRITING && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        if published(len, bytes, max).as_deref() == Some(name) {
+            // Published by another master whose count update may still be on its way.
+            count.fetch_max(i as u64 + 1, AcqRel);
+            return Some(i);
+        }
+    }
+    None
 }
 
 impl Header {
     /// Counts a request of `key` (a route and a client address, hashed; never 0) at `now`
     /// (seconds since the epoch) if the sliding-window rate stays within `limit` per minute.
     /// Every worker updates the same entries, so the limit holds over all of them. Returns
-    /// whether the request may pass; when the table has no room, it passes.
+    /// whether the request may pass. A full table evicts its least recently used entry: it
+    /// never fails open.
     pub fn rate_admit(&self, key: u64, now: u64, limit: u64) -> bool {
         let minute = now / 60;
         let Some(e) = self.rate_entry(key, minute) else {
-            return true;
+            return false;
         };
         let seen = e.minute.load(Acquire);
         if seen != minute
@@ -323,24 +365,46 @@ impl Header {
         true
     }
 
-    /// The entry of `key`, claiming a free or stale one (unused for two minutes).
+    /// The entry of `key`: its own, else a free or stale one (unused for two minutes), else
+    /// the least recently used of those probed, evicted. A full table never lets a client
+    /// through unlimited; `None` only if other processes keep winning the same entries.
     fn rate_entry(&self, key: u64, minute: u64) -> Option<&RateEntry> {
         let start = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % RATE_ENTRIES;
-        for probe in 0..RATE_PROBES {
-            let e = &self.rates[(start + probe) % RATE_ENTRIES];
-            let k = e.key.load(Acquire);
-            if k == key {
-                return Some(e);
+        let probed = || (0..RATE_PROBES).map(|p| &self.rates[(start + p) % RATE_ENTRIES]);
+        for _attempt in 0..4 {
+            let mut oldest: Option<(&RateEntry, u64, u64)> = None;
+            for e in probed() {
+                let k = e.key.load(Acquire);
+                if k == key {
+                    return Some(e);
+                }
+                let used = e.minute.load(Acquire);
+                if k == 0 || used + 1 < minute {
+                    if let Some(e) = Self::take_rate_entry(e, k, key, minute) {
+                        return Some(e);
+                    }
+                    continue;
+                }
+                if oldest.is_none_or(|(_, _, m)| used < m) {
+                    oldest = Some((e, k, used));
+                }
             }
-            let stale = e.minute.load(Acquire) + 1 < minute;
-            if (k == 0 || stale) && e.key.compare_exchange(k, key, AcqRel, Acquire).is_ok() {
-                e.previous.store(0, Release);
-                e.current.store(0, Release);
-                e.minute.store(minute, Release);
-                return Some(e);
+            if let Some((e, k, _)) = oldest {
+                if let Some(e) = Self::take_rate_entry(e, k, key, minute) {
+                    return Some(e);
+                }
             }
         }
         None
+    }
+
+    /// Gives entry `e`, holding `old`, to `key`, with empty counts.
+    fn take_rate_entry(e: &RateEntry, old: u64, key: u64, minute: u64) -> Option<&RateEntry> {
+        e.key.compare_exchange(old, key, AcqRel, Acquire).ok()?;
+        e.previous.store(0, Release);
+        e.current.store(0, Release);
+        e.minute.store(minute, Release);
+        Some(e)
     }
 }
 
@@ -349,22 +413,25 @@ impl Region {
     /// this index used before, else one never used. Counters in it are kept, not reset.
     pub fn claim_slot(&self, worker_index: usize, generation: u64) -> Option<usize> {
         let wi = worker_index as u64;
+        let used_by = |s: &Slot, who: u64| s.worker_index.load(Acquire) == who;
         let free = |s: &Slot| s.state.load(Acquire) == STATE_FREE;
-        let pick = self
-            .slots
-            .iter()
-            .position(|s| free(s) && s.worker_index.load(Relaxed) == wi)
-            .or_else(|| {
-                self.slots
-                    .iter()
-                    .position(|s| free(s) && s.worker_index.load(Relaxed) == NEVER_USED)
-            })?;
+        let mut candidates = (0..MAX_SLOTS)
+            .filter(|&i| used_by(&self.slots[i], wi))
+            .chain((0..MAX_SLOTS).filter(|&i| used_by(&self.slots[i], NEVER_USED)));
+        // Another master (binary upgrade) may claim the same slot at the same time: only the
+        // one whose swap from FREE succeeds has it.
+        let pick = candidates.find(|&i| {
+            let s = &self.slots[i];
+            free(s)
+                && s.state
+                    .compare_exchange(STATE_FREE, STATE_STARTING, AcqRel, Acquire)
+                    .is_ok()
+        })?;
         let s = &self.slots[pick];
-        s.worker_index.store(wi, Relaxed);
+        s.worker_index.store(wi, Release);
         s.generation.store(generation, Relaxed);
         s.owner_pid.store(0, Relaxed);
         s.connections.store(0, Relaxed);
-        s.state.store(STATE_STARTING, Release);
         Some(pick)
     }
 
@@ -449,4 +516,95 @@ pub fn split_key(key: u64) -> (u8, u16, u16) {
         ((key >> 16) & 0xffff) as u16,
         (key & 0xffff) as u16,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys whose entries all start probing at the same place as `first`'s.
+    fn colliding_keys(n: usize) -> Vec<u64> {
+        let start = |k: u64| (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % RATE_ENTRIES;
+        let target = start(1);
+        (1..).filter(|&k| start(k) == target).take(n).collect()
+    }
+
+    #[test]
+    fn a_full_rate_table_evicts_the_least_recently_used_entry_and_never_fails_open() {
+        let shm = Shm::create().unwrap();
+        let h = &shm.region().header;
+        let keys = colliding_keys(RATE_PROBES + 1);
+        let now = 100 * 60;
+        // The first key is the oldest: last seen a minute before the others.
+        assert!(h.rate_admit(keys[0], now - 60, 1));
+        for &k in &keys[1..RATE_PROBES] {
+            assert!(h.rate_admit(k, now, 1));
+        }
+        let newcomer = keys[RATE_PROBES];
+        assert!(h.rate_admit(newcomer, now, 1), "gets an entry");
+        assert!(
+            !h.rate_admit(newcomer, now, 1),
+            "and is limited: not failing open"
+        );
+        for &k in &keys[1..RATE_PROBES] {
+            assert!(!h.rate_admit(k, now, 1), "recent entries are kept");
+        }
+        let taken = h.rates.iter().filter(|e| e.key.load(Relaxed) == keys[0]);
+        assert_eq!(taken.count(), 0, "the oldest entry was the one evicted");
+    }
+
+    #[test]
+    fn two_masters_claiming_slots_at_once_never_share_one() {
+        let shm = Shm::create().unwrap();
+        let region = shm.region();
+        let claim = || {
+            (0..MAX_SLOTS / 2)
+                .filter_map(|i| region.claim_slot(i % 4, 1))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(claim);
+            let b = s.spawn(claim);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let mut all: Vec<usize> = a.iter().chain(&b).copied().collect();
+        assert_eq!(all.len(), MAX_SLOTS, "every slot claimed once");
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), MAX_SLOTS, "a slot was claimed twice");
+    }
+
+    #[test]
+    fn two_masters_registering_the_same_names_at_once_agree() {
+        let shm = Shm::create().unwrap();
+        let region = shm.region();
+        let h = &region.header;
+        let names: Vec<String> = (0..100).map(|i| format!("host{i}.test")).collect();
+        let register = || {
+            names
+                .iter()
+                .map(|n| {
+                    (
+                        region.header.register_host(n),
+                        region.header.register_backend(n),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(register);
+            let b = s.spawn(register);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert_eq!(a, b, "both masters got the same indices");
+        assert_eq!(h.host_count(), names.len());
+        assert_eq!(h.backend_count.load(Relaxed) as usize, names.len());
+        for (n, (host, backend)) in names.iter().zip(&a) {
+            assert_eq!(
+                h.host_name(usize::from(host.unwrap())).as_deref(),
+                Some(n.as_str())
+            );
+            assert_eq!(h.backend_key(backend.unwrap()).as_deref(), Some(n.as_str()));
+        }
+    }
 }

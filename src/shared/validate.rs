@@ -377,6 +377,10 @@ fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
 fn validate_security(s: &GlobalSecurity, e: &mut Errors) {
     if let Some(user) = &s.drop_privileges_user {
         match nix::unistd::User::from_name(user) {
+            Ok(Some(u)) if u.uid.is_root() => e.add(
+                "security.drop_privileges_user",
+                format!("`{user}` is root: workers never run as root"),
+            ),
             Ok(Some(_)) => {}
             _ => e.add(
                 "security.drop_privileges_user",

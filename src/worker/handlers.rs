@@ -41,11 +41,14 @@ pub fn refuse(req: &Request, route: &RouteEntry, ip: IpAddr, region: &Region) ->
 }
 
 /// The rate limiter's key: the route (by its config key, stable over reloads) and the client.
+/// An IPv6 client is its /64: one host is routinely given a whole /64, and keying by full
+/// address would give it 2^64 separate limits.
 fn rate_key(route: &str, ip: IpAddr) -> u64 {
-    let bytes = route
-        .bytes()
-        .chain([0u8])
-        .chain(crate::shared::ip_octets(ip));
+    let client = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets()[..8].to_vec(),
+    };
+    let bytes = route.bytes().chain([0u8]).chain(client);
     crate::shared::fnv1a(bytes) | 1
 }
 
@@ -161,4 +164,23 @@ pub fn metrics(ctx: &super::server::Ctx, path: &str, ip: IpAddr) -> Option<Respo
     let head =
         ResponseHead::new(200).header("Content-Type", "text/plain; version=0.0.4; charset=utf-8");
     Some(Response::new(head, Body::Bytes(Bytes::from(text))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rate_key;
+    use std::net::IpAddr;
+
+    fn key(route: &str, ip: &str) -> u64 {
+        rate_key(route, ip.parse::<IpAddr>().unwrap())
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_rate_key_per_64_bit_prefix() {
+        let a = key("r", "2001:db8:1:2::1");
+        assert_eq!(a, key("r", "2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_ne!(a, key("r", "2001:db8:1:3::1"), "another /64");
+        assert_ne!(a, key("other", "2001:db8:1:2::1"), "another route");
+        assert_ne!(key("r", "192.0.2.1"), key("r", "192.0.2.2"));
+    }
 }

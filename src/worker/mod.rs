@@ -57,11 +57,13 @@ fn serve(start: WorkerStart) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot build the runtime: {e}"))?;
     let config: &Config = &start.config;
-    let router = router::Router::build(config, start.builtin, start.shm)
-        .map_err(|e| format!("cannot build the routes: {e}"))?;
     let log_output = shared::log::open_output(&config.logging)
         .map_err(|e| format!("cannot open the log file: {e}"))?;
     drop_privileges(&start)?;
+    // Routes open files (memory routes read them whole) and CA files: with the worker's
+    // rights, so a config cannot make a worker serve what only root may read.
+    let router = router::Router::build(config, start.builtin, start.shm)
+        .map_err(|e| format!("cannot build the routes: {e}"))?;
     shared::log::start_async(&config.logging, log_output)?;
     if !uring {
         log::warn!("io_uring is not available here: using the epoll driver");
@@ -83,16 +85,24 @@ fn pin_to_core(core: usize) {
     }
 }
 
+/// Switches to the worker identity for good, then forbids gaining privileges again (no
+/// set-uid or file-capability exec can raise them).
 pub(crate) fn drop_privileges(start: &WorkerStart) -> Result<(), String> {
     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
-    let gid = start.group.or(start.user.map(|(_, g)| g));
-    if let Some(gid) = gid {
+    if let Some((uid, gid)) = start.identity {
         let gid = Gid::from_raw(gid);
         setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
         setgid(gid).map_err(|e| format!("setgid({gid}): {e}"))?;
-    }
-    if let Some((uid, _)) = start.user {
         setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid({uid}): {e}"))?;
+        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+            return Err(format!("still able to become root after setuid({uid})"));
+        }
+    }
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "prctl(PR_SET_NO_NEW_PRIVS): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }

@@ -174,7 +174,9 @@ pub async fn run(
                 }
                 continue;
             }
-            if i32::from(sig) != libc::SIGQUIT {
+            // TERM and INT drain like QUIT (the spec; a terminal's Ctrl+C reaches every
+            // process); a second one while draining, or the master's fast stop, exits now.
+            if i32::from(sig) != libc::SIGQUIT && accepting.is_none() {
                 log::info!("fast shutdown");
                 super::exit(0);
             }

@@ -7,36 +7,45 @@ use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicI32, Ordering};
 
+const HANDLED: [Signal; 4] = [
+    Signal::SIGQUIT,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGUSR1,
+];
+
 static WRITE_END: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(sig: libc::c_int) {
+    // The handler may interrupt code between a failing call and its read of `errno`.
+    let saved = unsafe { *libc::__errno_location() };
     let byte = sig as u8;
     let fd = WRITE_END.load(Ordering::Relaxed);
     if fd >= 0 {
         unsafe { libc::write(fd, &byte as *const u8 as *const libc::c_void, 1) };
     }
+    unsafe { *libc::__errno_location() = saved };
 }
 
 /// Routes QUIT, TERM, INT and USR1 (reopen the log) to the returned socket; HUP, USR2 and
 /// WINCH are meant for the master and ignored here (a terminal may send them to the whole
-/// process group).
+/// process group). A child starts with the master's mask (every handled signal blocked):
+/// only now, with the handlers in place, are signals unblocked, so one sent during startup
+/// is delivered here instead of killing the process.
 pub fn install() -> std::io::Result<UnixStream> {
     let (read, write) = UnixStream::pair()?;
     write.set_nonblocking(true)?;
     WRITE_END.store(write.into_raw_fd(), Ordering::Relaxed);
-    let handler = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
+    // Handlers never nest: pending signals then arrive in the kernel's order (lowest number
+    // first), so the master's fast stop (QUIT, then TERM) reads as "drain", then "now".
+    let mut handled = SigSet::empty();
+    for s in HANDLED {
+        handled.add(s);
+    }
+    let handler = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, handled);
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     unsafe {
-        for s in [
-            Signal::SIGQUIT,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGUSR1,
-        ] {
+        for s in HANDLED {
             sigaction(s, &handler)?;
         }
         for s in [
@@ -48,5 +57,10 @@ pub fn install() -> std::io::Result<UnixStream> {
             sigaction(s, &ignore)?;
         }
     }
+    nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::empty()),
+        None,
+    )?;
     Ok(read)
 }

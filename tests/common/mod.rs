@@ -169,13 +169,16 @@ impl Drop for Server {
         }
         let pid = child.id() as i32;
         let workers = children_of(pid);
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
+        // TERM drains (a client may still hold a connection); a second TERM stops at once.
+        for wait in [1, 5] {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(wait);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
         for w in workers {
             unsafe { libc::kill(w, libc::SIGKILL) };
@@ -361,6 +364,8 @@ pub fn test_pki(
     dir: &std::path::Path,
 ) -> (std::sync::Arc<rustls::ServerConfig>, std::path::PathBuf) {
     let p = pki();
+    // Workers and health checkers read the CA file as `nobody`.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let ca_path = dir.join("ca.pem");
     std::fs::write(&ca_path, &p.ca_pem).unwrap();
     (p.server, ca_path)
