@@ -287,3 +287,22 @@ fn a_first_generation_that_cannot_start_ends_the_master_with_an_error() {
         "{err}"
     );
 }
+
+/// A timeout too long to be a deadline (`Instant + Duration` would panic in a worker at the
+/// first request head that arrives in two reads) is refused by `-t` and never starts.
+#[test]
+fn timeouts_longer_than_a_year_are_config_errors() {
+    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nclient_header_timeout_secs = 9223372036854775807\n\n[path_routes.\"*\".\"/\"]\npath = \"{dir}\"\n  [path_routes.\"*\".\"/\".security]\n  client_body_timeout_secs = 31536001\n");
+    let cfg = s.config_path.to_str().unwrap().to_string();
+    let (code, _, err) = run(&["-t", "-c", &cfg], s.dir.path());
+    assert_eq!(code, 1, "{err}");
+    for expected in [
+        "config.toml:3: `server.client_header_timeout_secs`: must be at most one year",
+        "config.toml:8: `path_routes.\"*\".\"/\".security.client_body_timeout_secs`: must be at most one year",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nclient_header_timeout_secs = 31536000\n\n[path_routes.\"*\".\"/\"]\npath = \"{dir}\"\n");
+    let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());
+    assert_eq!(code, 0, "a year is still valid: {err}");
+}
