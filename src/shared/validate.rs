@@ -333,9 +333,18 @@ fn validate_server(c: &Config, e: &mut Errors) {
         e.add("server.client_header_timeout_secs", "must be at least 1");
     }
     for (key, v) in [
-        ("server.shutdown_timeout_secs", c.server.shutdown_timeout_secs),
-        ("server.keepalive_timeout_secs", c.server.keepalive_timeout_secs),
-        ("server.client_header_timeout_secs", c.server.client_header_timeout_secs),
+        (
+            "server.shutdown_timeout_secs",
+            c.server.shutdown_timeout_secs,
+        ),
+        (
+            "server.keepalive_timeout_secs",
+            c.server.keepalive_timeout_secs,
+        ),
+        (
+            "server.client_header_timeout_secs",
+            c.server.client_header_timeout_secs,
+        ),
     ] {
         check_duration(key, v, e);
     }
@@ -714,7 +723,10 @@ pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 fn check_duration(key: &str, v: u64, e: &mut Errors) {
     let secs = if key.ends_with("_ms") { v / 1000 } else { v };
     if secs > MAX_TIMEOUT_SECS {
-        e.add(key, format!("must be at most one year ({MAX_TIMEOUT_SECS} seconds)"));
+        e.add(
+            key,
+            format!("must be at most one year ({MAX_TIMEOUT_SECS} seconds)"),
+        );
     }
 }
 
@@ -771,7 +783,11 @@ mod tests {
             ]
         );
         assert_eq!(errors[0].line, Some(3));
-        assert!(errors[0].to_string().contains("at most one year"), "{}", errors[0]);
+        assert!(
+            errors[0].to_string().contains("at most one year"),
+            "{}",
+            errors[0]
+        );
     }
 
     /// Nesting deep enough to overflow a recursive parser's stack is a syntax error.
@@ -810,7 +826,12 @@ mod props {
     }
     use Kind::*;
 
-    const ADDRS: &[&str] = &["127.0.0.1:18080", "[::1]:18443", "0.0.0.0:0", "localhost:80"];
+    const ADDRS: &[&str] = &[
+        "127.0.0.1:18080",
+        "[::1]:18443",
+        "0.0.0.0:0",
+        "localhost:80",
+    ];
     const DIRS: &[&str] = &["/tmp", "/", "/nonexistent/x", "/tmp/zcs.pid", ""];
     const URLS: &[&str] = &[
         "http://127.0.0.1:9",
@@ -822,7 +843,14 @@ mod props {
         "http://h:0",
         "http://a b",
     ];
-    const IPS: &[&str] = &["10.0.0.0/8", "::1", "127.0.0.1", "2001:db8::/32", "300.1.1.1", "x"];
+    const IPS: &[&str] = &[
+        "10.0.0.0/8",
+        "::1",
+        "127.0.0.1",
+        "2001:db8::/32",
+        "300.1.1.1",
+        "x",
+    ];
     const METHODS: &[&str] = &["GET", "POST", "get", "", "X-Y"];
     const HEADERS: &[&str] = &["X-Test", "Server", "bad header", "X-Ip"];
 
@@ -844,8 +872,14 @@ mod props {
         ("file_path", Str(DIRS)),
     ];
     const SECURITY: &[(&str, Kind)] = &[
-        ("drop_privileges_user", Str(&["nobody", "root", "no-such-user"])),
-        ("drop_privileges_group", Str(&["nogroup", "root", "no-such-group"])),
+        (
+            "drop_privileges_user",
+            Str(&["nobody", "root", "no-such-user"]),
+        ),
+        (
+            "drop_privileges_group",
+            Str(&["nogroup", "root", "no-such-group"]),
+        ),
         ("max_concurrent_connections", Int),
     ];
     const PERFORMANCE: &[(&str, Kind)] = &[
@@ -869,7 +903,10 @@ mod props {
         ("ca_file", Str(DIRS)),
     ];
     const REDIRECT_ROUTE: &[(&str, Kind)] = &[
-        ("redirect_url", Str(&["https://example.com$request_uri", "", "a b"])),
+        (
+            "redirect_url",
+            Str(&["https://example.com$request_uri", "", "a b"]),
+        ),
         ("redirect_status", Int),
         ("preserve_path", Bool),
     ];
@@ -895,7 +932,10 @@ mod props {
         ("websocket_poll_backoff_multiplier", Float),
     ];
     const UPSTREAM: &[(&str, Kind)] = &[
-        ("algorithm", Str(&["round_robin", "least_conn", "ip_hash", "random"])),
+        (
+            "algorithm",
+            Str(&["round_robin", "least_conn", "ip_hash", "random"]),
+        ),
         ("ca_file", Str(DIRS)),
     ];
     const HEALTH: &[(&str, Kind)] = &[
@@ -948,16 +988,21 @@ mod props {
                 .prop_map(Value::Array)
                 .boxed(),
             Map => prop::collection::btree_map(pick(HEADERS), pick(&["$client_ip", "v\r\n"]), 0..2)
-                .prop_map(|m| Value::Table(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect()))
+                .prop_map(|m| {
+                    Value::Table(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
+                })
                 .boxed(),
         };
         prop_oneof![9 => right, 1 => any_value()].boxed()
     }
 
     fn fields(keys: &'static [(&'static str, Kind)]) -> BoxedStrategy<Table> {
-        prop::collection::vec(select(keys).prop_flat_map(|(k, kind)| (Just(k), value(kind))), 0..4)
-            .prop_map(|kv| kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-            .boxed()
+        prop::collection::vec(
+            select(keys).prop_flat_map(|(k, kind)| (Just(k), value(kind))),
+            0..4,
+        )
+        .prop_map(|kv| kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+        .boxed()
     }
 
     fn route() -> impl Strategy<Value = Value> {
@@ -969,7 +1014,11 @@ mod props {
         (kind, prop::option::of(fields(ROUTE_SECURITY)), 0u8..10)
             .prop_flat_map(|((name, keys), sec, foreign)| {
                 // Now and then a key of another route type.
-                let extra = if foreign == 0 { fields(PROXY_ROUTE) } else { Just(Table::new()).boxed() };
+                let extra = if foreign == 0 {
+                    fields(PROXY_ROUTE)
+                } else {
+                    Just(Table::new()).boxed()
+                };
                 (Just(name), fields(keys), Just(sec), extra)
             })
             .prop_map(|(name, mut r, sec, extra)| {
@@ -1017,7 +1066,10 @@ mod props {
         let hosts = vec!["*", "example.com", "a.test:8080", "example.com", "bad host"];
         let routes = (
             named(hosts.clone(), route()),
-            named(hosts, named(vec!["/", "/api/", "/{x}", "/a*b", "docs"], route())),
+            named(
+                hosts,
+                named(vec!["/", "/api/", "/{x}", "/a*b", "docs"], route()),
+            ),
             named(vec!["backend", "b2"], upstream()),
         );
         (sections, routes).prop_map(|((server, logging, security, perf, tls), (hr, pr, up))| {
@@ -1074,30 +1126,62 @@ mod props {
     /// positive integer: where the loader must draw the line.
     fn valid_but_for_numbers() -> impl Strategy<Value = Table> {
         (
-            numbers(&["shutdown_timeout_secs", "keepalive_timeout_secs", "client_header_timeout_secs", "threads"]),
+            numbers(&[
+                "shutdown_timeout_secs",
+                "keepalive_timeout_secs",
+                "client_header_timeout_secs",
+                "threads",
+            ]),
             numbers(&["flush_interval_ms", "channel_size", "max_log_size"]),
-            (numbers(SECURITY_NUMBERS), numbers(SECURITY_NUMBERS), numbers(SECURITY_NUMBERS)),
-            numbers(&["interval_secs", "timeout_secs", "unhealthy_threshold", "healthy_threshold"]),
+            (
+                numbers(SECURITY_NUMBERS),
+                numbers(SECURITY_NUMBERS),
+                numbers(SECURITY_NUMBERS),
+            ),
+            numbers(&[
+                "interval_secs",
+                "timeout_secs",
+                "unhealthy_threshold",
+                "healthy_threshold",
+            ]),
         )
             .prop_map(|(mut server, logging, (s1, s2, s3), health)| {
                 server.insert("listen".into(), Value::String("127.0.0.1:18080".into()));
                 let text = |s: &str| Value::String(s.into());
                 let route = |pairs: &[(&str, &str)], sec: Table| {
-                    let mut r: Table = pairs.iter().map(|(k, v)| (k.to_string(), text(v))).collect();
+                    let mut r: Table = pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), text(v)))
+                        .collect();
                     r.insert("security".into(), Value::Table(sec));
                     Value::Table(r)
                 };
                 let mut paths = Table::new();
-                paths.insert("/api/".into(), route(&[("type", "Proxy"), ("upstream", "backend")], s2));
-                paths.insert("/r".into(), route(&[("type", "Redirect"), ("redirect_url", "https://127.0.0.1/")], s3));
+                paths.insert(
+                    "/api/".into(),
+                    route(&[("type", "Proxy"), ("upstream", "backend")], s2),
+                );
+                paths.insert(
+                    "/r".into(),
+                    route(
+                        &[("type", "Redirect"), ("redirect_url", "https://127.0.0.1/")],
+                        s3,
+                    ),
+                );
                 let mut upstream = Table::new();
-                upstream.insert("servers".into(), Value::Array(vec![text("http://127.0.0.1:9")]));
+                upstream.insert(
+                    "servers".into(),
+                    Value::Array(vec![text("http://127.0.0.1:9")]),
+                );
                 upstream.insert("health_check".into(), Value::Table(health));
                 let mut t = Table::new();
                 t.insert("server".into(), Value::Table(server));
                 t.insert("logging".into(), Value::Table(logging));
                 let mut hosts = Table::new();
-                hosts.insert("example.com".into(), route(&[("type", "File"), ("path", "/tmp")], s1));
+                hosts.insert(
+                    "example.com".into(),
+                    route(&[("type", "File"), ("path", "/tmp")], s1),
+                );
                 t.insert("host_routes".into(), Value::Table(hosts));
                 let mut pr = Table::new();
                 pr.insert("*".into(), Value::Table(paths));
@@ -1154,7 +1238,8 @@ mod props {
                     prop_assert!(now.checked_add(d).is_some(), "{name}: {d:?}");
                 }
                 // What `-T` prints is a config file that loads to the same config.
-                let printed = toml::to_string_pretty(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let printed =
+                    toml::to_string_pretty(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let again = load_str(&printed, FILE)
                     .map_err(|e| TestCaseError::fail(format!("{e:?}\n{printed}")))?;
                 prop_assert_eq!(toml::to_string_pretty(&again).ok(), Some(printed));

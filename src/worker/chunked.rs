@@ -277,7 +277,11 @@ mod props {
 
     /// Feeds `input` cut at `cuts`, as a connection does: every byte not consumed by a
     /// finished decoder is left over. Ok: (body, consumed, done).
-    fn feed(input: &[u8], cuts: &[usize], limit: u64) -> Result<(Vec<u8>, usize, bool), ChunkError> {
+    fn feed(
+        input: &[u8],
+        cuts: &[usize],
+        limit: u64,
+    ) -> Result<(Vec<u8>, usize, bool), ChunkError> {
         let mut d = ChunkedDecoder::new(limit);
         let mut out = Vec::new();
         let mut used = 0;

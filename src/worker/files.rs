@@ -462,7 +462,11 @@ mod props {
             field(1..32, "[0-9+-]{1,3}"),
             prop::sample::select(vec!["Jan", "Feb", "Nov", "Dec", "nov", "Foo"]),
             field(1900..10_000, "[0-9+-]{1,22}"),
-            (field(0..24, "[0-9]{1,3}"), field(0..60, "[0-9]{1,3}"), field(0..61, "[0-9]{1,3}")),
+            (
+                field(0..24, "[0-9]{1,3}"),
+                field(0..60, "[0-9]{1,3}"),
+                field(0..61, "[0-9]{1,3}"),
+            ),
         )
             .prop_map(|(d, mon, y, (hh, mm, ss))| format!("Sun, {d} {mon} {y} {hh}:{mm}:{ss} GMT"))
     }

@@ -493,7 +493,10 @@ mod props {
 
     impl Wire {
         fn encode(&self) -> Vec<u8> {
-            let mut s = format!("{} {} HTTP/1.{}\r\n", self.method, self.target, self.version);
+            let mut s = format!(
+                "{} {} HTTP/1.{}\r\n",
+                self.method, self.target, self.version
+            );
             for (n, v) in &self.headers {
                 s.push_str(&format!("{n}: {v}\r\n"));
             }
@@ -654,9 +657,8 @@ mod props {
             let Parse::Complete(req, _) = parse(&w.encode()) else {
                 return Err(TestCaseError::fail("a valid head did not parse"));
             };
-            let want = if host.is_none() && w.version == 1 {
-                Err(400)
-            } else if chunked && (length.is_some() || w.version == 0) {
+            let no_host = host.is_none() && w.version == 1;
+            let want = if no_host || (chunked && (length.is_some() || w.version == 0)) {
                 Err(400)
             } else if chunked {
                 Ok(Framing::Chunked)
