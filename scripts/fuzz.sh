@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the property tests long: every `props` module (request-head parser, path normaliser,
-# chunked decoder, ranges and HTTP dates, config loader) with PROPTEST_CASES cases per
+# chunked decoder, ranges and HTTP dates, router, config loader) with PROPTEST_CASES cases per
 # property instead of the suite's few hundred, then prints a summary.
 #
 #   scripts/fuzz.sh                              # 100,000 cases per property

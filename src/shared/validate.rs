@@ -81,7 +81,9 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
 }
 
 fn line_at(text: &str, at: usize) -> usize {
-    text[..at.min(text.len())].matches('\n').count() + 1
+    // In bytes: a span from the parser need not fall on a character boundary.
+    let before = &text.as_bytes()[..at.min(text.len())];
+    before.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// serde stops at the first schema error (unknown key, wrong type); to report them all, each
@@ -243,7 +245,11 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
 
 /// The `[table]` header in force at byte offset `at`, to name the section of a parse error.
 fn enclosing_table(text: &str, at: usize) -> String {
-    text[..at.min(text.len())]
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text[..at]
         .lines()
         .rev()
         .map(str::trim)
