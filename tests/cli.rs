@@ -100,7 +100,7 @@ servers = ["http://127.0.0.1:1", "ftp://nope"]
         "`path_routes.\"example.com\".\"/ips\".security.allowed_methods`: invalid HTTP method `get me`",
         "`upstreams.\"pool\".servers`: invalid upstream URL `ftp://nope`",
         "`path_routes.\"example.com\".\"/ips\".security.send_timeout_secs`: must be at least 1",
-        "`path_routes.\"example.com\".\"/ips\".security.backend_read_timeout_secs`: must be at most 31536000",
+        "`path_routes.\"example.com\".\"/ips\".security.backend_read_timeout_secs`: must be at most one year",
         "`security.drop_privileges_user`: unknown user `no-such-user-zc`",
         "`security.drop_privileges_group`: unknown group `no-such-group-zc`",
         // Semantic errors carry the line of their key too.
@@ -294,4 +294,23 @@ fn a_first_generation_that_cannot_start_ends_the_master_with_an_error() {
         err.contains("no generation of workers is left to serve"),
         "{err}"
     );
+}
+
+/// A timeout too long to be a deadline (`Instant + Duration` would panic in a worker at the
+/// first request head that arrives in two reads) is refused by `-t` and never starts.
+#[test]
+fn timeouts_longer_than_a_year_are_config_errors() {
+    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nclient_header_timeout_secs = 9223372036854775807\n\n[path_routes.\"*\".\"/\"]\npath = \"{dir}\"\n  [path_routes.\"*\".\"/\".security]\n  client_body_timeout_secs = 31536001\n");
+    let cfg = s.config_path.to_str().unwrap().to_string();
+    let (code, _, err) = run(&["-t", "-c", &cfg], s.dir.path());
+    assert_eq!(code, 1, "{err}");
+    for expected in [
+        "config.toml:3: `server.client_header_timeout_secs`: must be at most one year",
+        "config.toml:8: `path_routes.\"*\".\"/\".security.client_body_timeout_secs`: must be at most one year",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nclient_header_timeout_secs = 31536000\n\n[path_routes.\"*\".\"/\"]\npath = \"{dir}\"\n");
+    let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());
+    assert_eq!(code, 0, "a year is still valid: {err}");
 }

@@ -4,6 +4,8 @@
 pub mod config;
 pub mod log;
 pub mod metrics;
+#[cfg(test)]
+pub mod prop;
 pub mod shm;
 pub mod tls;
 pub mod url;

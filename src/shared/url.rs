@@ -72,10 +72,11 @@ fn split_host_port(authority: &str, default_port: u16) -> Result<(&str, u16), St
     }
     let port = match port {
         None => default_port,
+        // Digits only: `parse` would also take `+80`.
         Some(p) => p
             .parse::<u16>()
             .ok()
-            .filter(|p| *p != 0)
+            .filter(|n| *n != 0 && p.bytes().all(|b| b.is_ascii_digit()))
             .ok_or_else(|| format!("invalid port `{p}`"))?,
     };
     Ok((host, port))
@@ -142,6 +143,7 @@ mod tests {
             "http://",
             "http://h:0",
             "http://h:99999",
+            "http://h:+80",
             "http://a b",
             "http://h/?q",
         ] {

@@ -81,7 +81,9 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
 }
 
 fn line_at(text: &str, at: usize) -> usize {
-    text[..at.min(text.len())].matches('\n').count() + 1
+    // In bytes: a span from the parser need not fall on a character boundary.
+    let before = &text.as_bytes()[..at.min(text.len())];
+    before.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// serde stops at the first schema error (unknown key, wrong type); to report them all, each
@@ -244,7 +246,11 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
 
 /// The `[table]` header in force at byte offset `at`, to name the section of a parse error.
 fn enclosing_table(text: &str, at: usize) -> String {
-    text[..at.min(text.len())]
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text[..at]
         .lines()
         .rev()
         .map(str::trim)
@@ -328,30 +334,32 @@ fn validate_server(c: &Config, e: &mut Errors) {
     if c.server.threads > max_workers {
         e.add("server.threads", format!("at most {max_workers} workers"));
     }
-    for (name, v) in [
-        ("keepalive_timeout_secs", c.server.keepalive_timeout_secs),
+    if c.server.keepalive_timeout_secs == 0 {
+        e.add("server.keepalive_timeout_secs", "must be at least 1");
+    }
+    if c.server.client_header_timeout_secs == 0 {
+        e.add("server.client_header_timeout_secs", "must be at least 1");
+    }
+    for (key, v) in [
         (
-            "client_header_timeout_secs",
+            "server.shutdown_timeout_secs",
+            c.server.shutdown_timeout_secs,
+        ),
+        (
+            "server.keepalive_timeout_secs",
+            c.server.keepalive_timeout_secs,
+        ),
+        (
+            "server.client_header_timeout_secs",
             c.server.client_header_timeout_secs,
         ),
-        ("shutdown_timeout_secs", c.server.shutdown_timeout_secs),
     ] {
-        if v == 0 && name != "shutdown_timeout_secs" {
-            e.add(format!("server.{name}"), "must be at least 1");
-        } else if v > MAX_TIMEOUT {
-            e.add(
-                format!("server.{name}"),
-                format!("must be at most {MAX_TIMEOUT} (a year)"),
-            );
-        }
+        check_duration(key, v, e);
     }
     if let Some(pid) = &c.server.pid_file {
         check_parent_dir(pid, "server.pid_file", e);
     }
 }
-
-/// Timeouts become deadlines (`Instant + Duration`): a bound keeps them from overflowing.
-const MAX_TIMEOUT: u64 = 365 * 24 * 3600;
 
 fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
     if super::log::parse_level(&l.level).is_none() {
@@ -369,6 +377,7 @@ fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
     if l.flush_interval_ms == 0 {
         e.add("logging.flush_interval_ms", "must be at least 1");
     }
+    check_duration("logging.flush_interval_ms", l.flush_interval_ms, e);
     if let Some(p) = &l.file_path {
         check_parent_dir(p, "logging.file_path", e);
     }
@@ -625,13 +634,14 @@ fn validate_route_security(s: &RouteSecurity, key: &str, e: &mut Errors) {
     ] {
         if v == 0 {
             e.add(format!("{key}.{name}"), "must be at least 1");
-        } else if v > MAX_TIMEOUT {
-            e.add(
-                format!("{key}.{name}"),
-                format!("must be at most {MAX_TIMEOUT} (a year)"),
-            );
         }
+        check_duration(&format!("{key}.{name}"), v, e);
     }
+    check_duration(
+        &format!("{key}.websocket_poll_max_timeout_ms"),
+        s.websocket_poll_max_timeout_ms,
+        e,
+    );
     if s.websocket_poll_max_timeout_ms < s.websocket_poll_timeout_ms {
         e.add(
             format!("{key}.websocket_poll_max_timeout_ms"),
@@ -725,6 +735,8 @@ fn validate_upstream(u: &Upstream, key: &str, e: &mut Errors) {
         if h.timeout_secs == 0 {
             e.add(format!("{hk}.timeout_secs"), "must be at least 1");
         }
+        check_duration(&format!("{hk}.interval_secs"), h.interval_secs, e);
+        check_duration(&format!("{hk}.timeout_secs"), h.timeout_secs, e);
         if !h.path.starts_with('/') {
             e.add(format!("{hk}.path"), "must start with `/`");
         }
@@ -742,6 +754,21 @@ fn validate_upstream(u: &Upstream, key: &str, e: &mut Errors) {
         if h.healthy_threshold == 0 {
             e.add(format!("{hk}.healthy_threshold"), "must be at least 1");
         }
+    }
+}
+
+/// Longest timeout a `*_secs` / `*_ms` key takes. Timeouts become deadlines, and
+/// `Instant + Duration` panics past the clock's range (`i64::MAX` seconds would kill every
+/// worker at its first slow request); a year is longer than any timeout needs.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
+fn check_duration(key: &str, v: u64, e: &mut Errors) {
+    let secs = if key.ends_with("_ms") { v / 1000 } else { v };
+    if secs > MAX_TIMEOUT_SECS {
+        e.add(
+            key,
+            format!("must be at most one year ({MAX_TIMEOUT_SECS} seconds)"),
+        );
     }
 }
 
@@ -776,4 +803,538 @@ pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the config property test: a timeout of i64::MAX seconds validated, and then
+    /// `Instant + Duration` panicked in a worker (the head deadline of a request that arrives
+    /// in two reads: `conn.rs`) or in the master (the drain deadline).
+    #[test]
+    fn timeouts_past_a_year_are_errors_naming_the_key() {
+        let text = "[server]\nlisten = \"127.0.0.1:1\"\nclient_header_timeout_secs = 9223372036854775807\n\n[host_routes.\"*\"]\ntype = \"Redirect\"\nredirect_url = \"https://x/\"\n[host_routes.\"*\".security]\nwebsocket_poll_max_timeout_ms = 31536001000\nclient_body_timeout_secs = 31536000\n";
+        let errors = load_str(text, "t.toml").unwrap_err();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.client_header_timeout_secs",
+                "host_routes.\"*\".security.websocket_poll_max_timeout_ms"
+            ]
+        );
+        assert_eq!(errors[0].line, Some(3));
+        assert!(
+            errors[0].to_string().contains("at most one year"),
+            "{}",
+            errors[0]
+        );
+    }
+
+    /// Nesting deep enough to overflow a recursive parser's stack is a syntax error.
+    #[test]
+    fn deeply_nested_values_are_errors() {
+        for text in [
+            format!("a = {}", "[".repeat(100_000)),
+            format!("a = {}", "{ b = ".repeat(100_000)),
+        ] {
+            assert!(load_str(&text, "t.toml").is_err());
+        }
+    }
+}
+
+/// Property tests: no text makes the loader panic; errors always name the file; and a config
+/// that loads prints (`-T`) to text that loads back to the same config, with every duration
+/// usable as a deadline.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+    use toml::{Table, Value};
+
+    const FILE: &str = "prop.toml";
+
+    /// What a key holds; a generated value has that type nine times in ten.
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        Str(&'static [&'static str]),
+        Int,
+        Bool,
+        Float,
+        List(&'static [&'static str]),
+        Map,
+    }
+    use Kind::*;
+
+    const ADDRS: &[&str] = &[
+        "127.0.0.1:18080",
+        "[::1]:18443",
+        "0.0.0.0:0",
+        "localhost:80",
+    ];
+    const DIRS: &[&str] = &["/tmp", "/", "/nonexistent/x", "/tmp/zcs.pid", ""];
+    const URLS: &[&str] = &[
+        "http://127.0.0.1:9",
+        "https://localhost",
+        "http://[::1]:80/app/",
+        "https://127.0.0.1/x",
+        "ftp://x",
+        "http://",
+        "http://h:0",
+        "http://a b",
+    ];
+    const IPS: &[&str] = &[
+        "10.0.0.0/8",
+        "::1",
+        "127.0.0.1",
+        "2001:db8::/32",
+        "300.1.1.1",
+        "x",
+    ];
+    const METHODS: &[&str] = &["GET", "POST", "get", "", "X-Y"];
+    const HEADERS: &[&str] = &["X-Test", "Server", "bad header", "X-Ip"];
+
+    const SERVER: &[(&str, Kind)] = &[
+        ("listen", Str(ADDRS)),
+        ("http_listen", Str(ADDRS)),
+        ("threads", Int),
+        ("pid_file", Str(DIRS)),
+        ("shutdown_timeout_secs", Int),
+        ("keepalive_timeout_secs", Int),
+        ("client_header_timeout_secs", Int),
+        ("bogus", Int),
+    ];
+    const LOGGING: &[(&str, Kind)] = &[
+        ("level", Str(&["info", "debug", "warn", "loud"])),
+        ("channel_size", Int),
+        ("flush_interval_ms", Int),
+        ("max_log_size", Int),
+        ("file_path", Str(DIRS)),
+    ];
+    const SECURITY: &[(&str, Kind)] = &[
+        (
+            "drop_privileges_user",
+            Str(&["nobody", "root", "no-such-user"]),
+        ),
+        (
+            "drop_privileges_group",
+            Str(&["nogroup", "root", "no-such-group"]),
+        ),
+        ("max_concurrent_connections", Int),
+    ];
+    const PERFORMANCE: &[(&str, Kind)] = &[
+        ("reuseport_balancing", Str(&["kernel", "cbpf", "fast"])),
+        ("huge_pages_enabled", Bool),
+    ];
+    const TLS: &[(&str, Kind)] = &[
+        ("cert_path", Str(DIRS)),
+        ("key_path", Str(DIRS)),
+        ("ktls_enabled", Bool),
+    ];
+    const FILE_ROUTE: &[(&str, Kind)] = &[
+        ("path", Str(&["/tmp", "/etc/hostname", "/nonexistent"])),
+        ("mode", Str(&["sendfile", "memory", "mmap"])),
+        ("index", Str(&["index.html", "a/b", "..", ""])),
+    ];
+    const PROXY_ROUTE: &[(&str, Kind)] = &[
+        ("url", Str(URLS)),
+        ("upstream", Str(&["backend", "missing"])),
+        ("sni_name", Str(&["localhost"])),
+        ("ca_file", Str(DIRS)),
+    ];
+    const REDIRECT_ROUTE: &[(&str, Kind)] = &[
+        (
+            "redirect_url",
+            Str(&["https://example.com$request_uri", "", "a b"]),
+        ),
+        ("redirect_status", Int),
+        ("preserve_path", Bool),
+    ];
+    const ROUTE_SECURITY: &[(&str, Kind)] = &[
+        ("max_request_body_size", Int),
+        ("max_chunked_body_size", Int),
+        ("max_request_header_size", Int),
+        ("client_header_timeout_secs", Int),
+        ("client_body_timeout_secs", Int),
+        ("backend_connect_timeout_secs", Int),
+        ("allowed_methods", List(METHODS)),
+        ("rate_limit_requests_per_min", Int),
+        ("allowed_ips", List(IPS)),
+        ("denied_ips", List(IPS)),
+        ("max_idle_connections_per_host", Int),
+        ("idle_connection_timeout_secs", Int),
+        ("add_request_headers", Map),
+        ("add_response_headers", Map),
+        ("remove_response_headers", List(HEADERS)),
+        ("websocket_poll_mode", Str(&["fixed", "adaptive", "busy"])),
+        ("websocket_poll_timeout_ms", Int),
+        ("websocket_poll_max_timeout_ms", Int),
+        ("websocket_poll_backoff_multiplier", Float),
+    ];
+    const UPSTREAM: &[(&str, Kind)] = &[
+        (
+            "algorithm",
+            Str(&["round_robin", "least_conn", "ip_hash", "random"]),
+        ),
+        ("ca_file", Str(DIRS)),
+    ];
+    const HEALTH: &[(&str, Kind)] = &[
+        ("interval_secs", Int),
+        ("path", Str(&["/", "/health", "health"])),
+        ("timeout_secs", Int),
+        ("healthy_statuses", List(&[])),
+        ("unhealthy_threshold", Int),
+        ("healthy_threshold", Int),
+    ];
+
+    fn int() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            4 => select(vec![1i64, 2, 30, 60, 301, 1024, 8192]),
+            2 => select(vec![0i64, -1, 999_999_999_999, i64::MAX, i64::MIN, 31_536_001]),
+            1 => any::<i64>(),
+        ]
+    }
+
+    fn pick(pool: &'static [&'static str]) -> BoxedStrategy<String> {
+        if pool.is_empty() {
+            return "\\PC{0,8}".boxed();
+        }
+        prop_oneof![9 => select(pool).prop_map(String::from), 1 => "\\PC{0,8}"].boxed()
+    }
+
+    /// Any value at all: the wrong type for most keys.
+    fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            "\\PC{0,8}".prop_map(Value::String),
+            int().prop_map(Value::Integer),
+            any::<bool>().prop_map(Value::Boolean),
+            select(vec![0.5f64, 1e300, -1.0, f64::NAN, f64::INFINITY]).prop_map(Value::Float),
+            Just(Value::Array(vec![])),
+        ]
+    }
+
+    fn value(kind: Kind) -> BoxedStrategy<Value> {
+        let right = match kind {
+            Str(pool) => pick(pool).prop_map(Value::String).boxed(),
+            Int => int().prop_map(Value::Integer).boxed(),
+            Bool => any::<bool>().prop_map(Value::Boolean).boxed(),
+            Float => select(vec![1.0f64, 2.0, 1.5, 100.0, 0.5, f64::NAN])
+                .prop_map(Value::Float)
+                .boxed(),
+            List(&[]) => prop::collection::vec((100i64..700).prop_map(Value::Integer), 0..3)
+                .prop_map(Value::Array)
+                .boxed(),
+            List(pool) => prop::collection::vec(pick(pool).prop_map(Value::String), 0..3)
+                .prop_map(Value::Array)
+                .boxed(),
+            Map => prop::collection::btree_map(pick(HEADERS), pick(&["$client_ip", "v\r\n"]), 0..2)
+                .prop_map(|m| {
+                    Value::Table(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
+                })
+                .boxed(),
+        };
+        prop_oneof![9 => right, 1 => any_value()].boxed()
+    }
+
+    fn fields(keys: &'static [(&'static str, Kind)]) -> BoxedStrategy<Table> {
+        prop::collection::vec(
+            select(keys).prop_flat_map(|(k, kind)| (Just(k), value(kind))),
+            0..4,
+        )
+        .prop_map(|kv| kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+        .boxed()
+    }
+
+    fn route() -> impl Strategy<Value = Value> {
+        let kind = select(vec![
+            ("File", FILE_ROUTE),
+            ("Proxy", PROXY_ROUTE),
+            ("Redirect", REDIRECT_ROUTE),
+        ]);
+        (kind, prop::option::of(fields(ROUTE_SECURITY)), 0u8..10)
+            .prop_flat_map(|((name, keys), sec, foreign)| {
+                // Now and then a key of another route type.
+                let extra = if foreign == 0 {
+                    fields(PROXY_ROUTE)
+                } else {
+                    Just(Table::new()).boxed()
+                };
+                (Just(name), fields(keys), Just(sec), extra)
+            })
+            .prop_map(|(name, mut r, sec, extra)| {
+                r.insert("type".into(), Value::String(name.into()));
+                r.extend(extra);
+                if let Some(s) = sec {
+                    r.insert("security".into(), Value::Table(s));
+                }
+                Value::Table(r)
+            })
+    }
+
+    fn upstream() -> impl Strategy<Value = Value> {
+        (
+            fields(UPSTREAM),
+            prop::collection::vec(pick(URLS).prop_map(Value::String), 0..3),
+            prop::option::of(fields(HEALTH)),
+        )
+            .prop_map(|(mut u, servers, health)| {
+                u.insert("servers".into(), Value::Array(servers));
+                if let Some(h) = health {
+                    u.insert("health_check".into(), Value::Table(h));
+                }
+                Value::Table(u)
+            })
+    }
+
+    fn named<T: std::fmt::Debug>(
+        names: Vec<&'static str>,
+        item: impl Strategy<Value = T>,
+    ) -> impl Strategy<Value = Vec<(String, T)>> {
+        prop::collection::vec((select(names).prop_map(String::from), item), 0..3)
+    }
+
+    /// A config as an operator might write one: known sections and keys, mostly of the right
+    /// type, mostly valid values.
+    fn plausible() -> impl Strategy<Value = Table> {
+        let sections = (
+            prop::option::of(fields(SERVER)),
+            prop::option::of(fields(LOGGING)),
+            prop::option::of(fields(SECURITY)),
+            prop::option::of(fields(PERFORMANCE)),
+            prop::option::weighted(0.1, fields(TLS)),
+        );
+        let hosts = vec!["*", "example.com", "a.test:8080", "example.com", "bad host"];
+        let routes = (
+            named(hosts.clone(), route()),
+            named(
+                hosts,
+                named(vec!["/", "/api/", "/{x}", "/a*b", "docs"], route()),
+            ),
+            named(vec!["backend", "b2"], upstream()),
+        );
+        (sections, routes).prop_map(|((server, logging, security, perf, tls), (hr, pr, up))| {
+            let mut t = Table::new();
+            for (name, s) in [
+                ("server", server),
+                ("logging", logging),
+                ("security", security),
+                ("performance", perf),
+                ("tls", tls),
+            ] {
+                if let Some(s) = s {
+                    t.insert(name.into(), Value::Table(s));
+                }
+            }
+            let table = |v: Vec<(String, Value)>| Value::Table(v.into_iter().collect());
+            t.insert("host_routes".into(), table(hr));
+            let pr = pr.into_iter().map(|(h, paths)| (h, table(paths))).collect();
+            t.insert("path_routes".into(), table(pr));
+            t.insert("upstreams".into(), table(up));
+            t
+        })
+    }
+
+    fn positive() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            3 => 1i64..100,
+            1 => 1i64..=i64::MAX,
+            1 => select(vec![31_536_000i64, 31_536_001, i64::MAX, 1024, 1_048_576]),
+        ]
+    }
+
+    /// Numbers of a route's `security` table, every other key left valid.
+    fn numbers(keys: &'static [&'static str]) -> impl Strategy<Value = Table> {
+        prop::collection::btree_map(select(keys).prop_map(String::from), positive(), 0..5)
+            .prop_map(|m| m.into_iter().map(|(k, v)| (k, Value::Integer(v))).collect())
+    }
+
+    const SECURITY_NUMBERS: &[&str] = &[
+        "max_request_body_size",
+        "max_chunked_body_size",
+        "max_request_header_size",
+        "client_header_timeout_secs",
+        "client_body_timeout_secs",
+        "backend_connect_timeout_secs",
+        "rate_limit_requests_per_min",
+        "max_idle_connections_per_host",
+        "idle_connection_timeout_secs",
+        "websocket_poll_timeout_ms",
+        "websocket_poll_max_timeout_ms",
+    ];
+
+    /// A valid config of each route type whose numbers (timeouts, sizes, counts) are any
+    /// positive integer: where the loader must draw the line.
+    fn valid_but_for_numbers() -> impl Strategy<Value = Table> {
+        (
+            numbers(&[
+                "shutdown_timeout_secs",
+                "keepalive_timeout_secs",
+                "client_header_timeout_secs",
+                "threads",
+            ]),
+            numbers(&["flush_interval_ms", "channel_size", "max_log_size"]),
+            (
+                numbers(SECURITY_NUMBERS),
+                numbers(SECURITY_NUMBERS),
+                numbers(SECURITY_NUMBERS),
+            ),
+            numbers(&[
+                "interval_secs",
+                "timeout_secs",
+                "unhealthy_threshold",
+                "healthy_threshold",
+            ]),
+        )
+            .prop_map(|(mut server, logging, (s1, s2, s3), health)| {
+                server.insert("listen".into(), Value::String("127.0.0.1:18080".into()));
+                let text = |s: &str| Value::String(s.into());
+                let route = |pairs: &[(&str, &str)], sec: Table| {
+                    let mut r: Table = pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), text(v)))
+                        .collect();
+                    r.insert("security".into(), Value::Table(sec));
+                    Value::Table(r)
+                };
+                let mut paths = Table::new();
+                paths.insert(
+                    "/api/".into(),
+                    route(&[("type", "Proxy"), ("upstream", "backend")], s2),
+                );
+                paths.insert(
+                    "/r".into(),
+                    route(
+                        &[("type", "Redirect"), ("redirect_url", "https://127.0.0.1/")],
+                        s3,
+                    ),
+                );
+                let mut upstream = Table::new();
+                upstream.insert(
+                    "servers".into(),
+                    Value::Array(vec![text("http://127.0.0.1:9")]),
+                );
+                upstream.insert("health_check".into(), Value::Table(health));
+                let mut t = Table::new();
+                t.insert("server".into(), Value::Table(server));
+                t.insert("logging".into(), Value::Table(logging));
+                let mut hosts = Table::new();
+                hosts.insert(
+                    "example.com".into(),
+                    route(&[("type", "File"), ("path", "/tmp")], s1),
+                );
+                t.insert("host_routes".into(), Value::Table(hosts));
+                let mut pr = Table::new();
+                pr.insert("*".into(), Value::Table(paths));
+                t.insert("path_routes".into(), Value::Table(pr));
+                let mut ups = Table::new();
+                ups.insert("backend".into(), Value::Table(upstream));
+                t.insert("upstreams".into(), Value::Table(ups));
+                t
+            })
+    }
+
+    /// Every duration of a config that loaded: each must be usable as a deadline from now.
+    fn durations(c: &Config) -> Vec<(String, std::time::Duration)> {
+        use std::time::Duration;
+        let secs = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let mut out = vec![
+            ("shutdown".to_string(), secs(c.server.shutdown_timeout_secs)),
+            ("keepalive".into(), secs(c.server.keepalive_timeout_secs)),
+            ("header".into(), secs(c.server.client_header_timeout_secs)),
+            ("flush".into(), ms(c.logging.flush_interval_ms)),
+        ];
+        let routes = c
+            .host_routes
+            .values()
+            .chain(c.path_routes.values().flat_map(|p| p.values()));
+        for r in routes {
+            let s = &r.security;
+            for (name, d) in [
+                ("route header", secs(s.client_header_timeout_secs)),
+                ("body", secs(s.client_body_timeout_secs)),
+                ("connect", secs(s.backend_connect_timeout_secs)),
+                ("idle", secs(s.idle_connection_timeout_secs)),
+                ("poll", ms(s.websocket_poll_timeout_ms)),
+                ("poll max", ms(s.websocket_poll_max_timeout_ms)),
+            ] {
+                out.push((name.into(), d));
+            }
+        }
+        for u in c.upstreams.values() {
+            if let Some(h) = &u.health_check {
+                out.push(("interval".into(), secs(h.interval_secs)));
+                out.push(("health timeout".into(), secs(h.timeout_secs)));
+            }
+        }
+        out
+    }
+
+    fn check_loaded(text: &str) -> Result<(), TestCaseError> {
+        match load_str(text, FILE) {
+            Ok(c) => {
+                let now = std::time::Instant::now();
+                for (name, d) in durations(&c) {
+                    prop_assert!(now.checked_add(d).is_some(), "{name}: {d:?}");
+                }
+                // What `-T` prints is a config file that loads to the same config.
+                let printed =
+                    toml::to_string_pretty(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let again = load_str(&printed, FILE)
+                    .map_err(|e| TestCaseError::fail(format!("{e:?}\n{printed}")))?;
+                prop_assert_eq!(toml::to_string_pretty(&again).ok(), Some(printed));
+            }
+            Err(errors) => {
+                prop_assert!(!errors.is_empty());
+                let lines = text.lines().count() + 1;
+                for e in &errors {
+                    prop_assert_eq!(&e.file, FILE);
+                    prop_assert!(e.line.is_none_or(|l| l >= 1 && l <= lines), "{e}");
+                    prop_assert!(e.to_string().starts_with(FILE));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::shared::prop::config(256))]
+
+        #[test]
+        fn arbitrary_text_never_panics(
+            text in prop_oneof![
+                "\\PC{0,120}",
+                "([\\[\\]=\"'.,{}#\n ]|[a-z_]{1,8}|[0-9]{1,3}|\\PC){0,40}",
+                prop::collection::vec(any::<u8>(), 0..200)
+                    .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ]
+        ) {
+            check_loaded(&text)?;
+        }
+
+        #[test]
+        fn plausible_configs_load_or_say_why(t in prop_oneof![plausible(), valid_but_for_numbers()]) {
+            let text = toml::to_string(&t).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            check_loaded(&text)?;
+        }
+
+        /// Syntax errors in a plausible file: still no panic, still the file's name.
+        #[test]
+        fn edited_configs_never_panic(
+            t in plausible(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), "\\PC|[\\[\\]=\"\n]"), 1..4),
+        ) {
+            let mut text = toml::to_string(&t).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (at, s) in edits {
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                text.insert_str(i, &s);
+            }
+            check_loaded(&text)?;
+        }
+    }
 }

@@ -289,3 +289,181 @@ mod tests {
         );
     }
 }
+
+/// Property tests: any body, cut into any chunks and delivered in any pieces, decodes to
+/// itself and ends exactly where its encoding ends; random bytes never panic and never
+/// exceed the limit; how input is split never changes the outcome.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    /// How one chunk's size line is written.
+    #[derive(Debug, Clone)]
+    struct SizeLine {
+        upper: bool,
+        zeros: usize,
+        ext: Option<String>,
+    }
+
+    fn size_line() -> impl Strategy<Value = SizeLine> {
+        (
+            any::<bool>(),
+            0usize..3,
+            prop::option::of("( |\\t)*;[a-z]{1,8}(=[a-z0-9\"]{0,8})?"),
+        )
+            .prop_map(|(upper, zeros, ext)| SizeLine { upper, zeros, ext })
+    }
+
+    fn write_size(out: &mut Vec<u8>, n: usize, line: &SizeLine) {
+        let hex = if line.upper {
+            format!("{n:X}")
+        } else {
+            format!("{n:x}")
+        };
+        out.extend(std::iter::repeat_n(b'0', line.zeros));
+        out.extend_from_slice(hex.as_bytes());
+        if let Some(ext) = &line.ext {
+            out.extend_from_slice(ext.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// `body` in chunks of the given sizes (cycled), then the last chunk and trailers.
+    fn encode(body: &[u8], sizes: &[usize], lines: &[SizeLine], trailers: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut k = 0;
+        while at < body.len() {
+            let n = sizes[k % sizes.len()].clamp(1, body.len() - at);
+            write_size(&mut out, n, &lines[k % lines.len()]);
+            out.extend_from_slice(&body[at..at + n]);
+            out.extend_from_slice(b"\r\n");
+            at += n;
+            k += 1;
+        }
+        write_size(&mut out, 0, &lines[k % lines.len()]);
+        for t in trailers {
+            out.extend_from_slice(t.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// Feeds `input` cut at `cuts`, as a connection does: every byte not consumed by a
+    /// finished decoder is left over. Ok: (body, consumed, done).
+    fn feed(
+        input: &[u8],
+        cuts: &[usize],
+        limit: u64,
+    ) -> Result<(Vec<u8>, usize, bool), ChunkError> {
+        let mut d = ChunkedDecoder::new(limit);
+        let mut out = Vec::new();
+        let mut used = 0;
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        bounds.push(input.len());
+        bounds.sort_unstable();
+        let mut from = 0;
+        for to in bounds {
+            if to <= from {
+                continue;
+            }
+            let n = d.decode(&input[from..to], &mut out)?;
+            assert!(n <= to - from);
+            used += n;
+            if d.is_done() {
+                break;
+            }
+            assert_eq!(n, to - from, "an unfinished decoder consumes everything");
+            from = to;
+        }
+        Ok((out, used, d.is_done()))
+    }
+
+    fn body_and_framing() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        (
+            prop::collection::vec(any::<u8>(), 0..3000),
+            prop::collection::vec(1usize..600, 1..6),
+            prop::collection::vec(size_line(), 1..4),
+            prop::collection::vec("[A-Za-z-]{1,12}: [ -~]{0,20}", 0..3),
+        )
+            .prop_map(|(body, sizes, lines, trailers)| {
+                let wire = encode(&body, &sizes, &lines, &trailers);
+                (body, wire)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(crate::shared::prop::config(512))]
+
+        #[test]
+        fn round_trips_in_any_split(
+            (body, wire) in body_and_framing(),
+            next in prop::collection::vec(any::<u8>(), 0..16),
+            cuts in prop::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut input = wire.clone();
+            input.extend_from_slice(&next);
+            let (out, used, done) = feed(&input, &cuts, u64::MAX).map_err(|e| {
+                TestCaseError::fail(format!("{e:?} on {:?}", String::from_utf8_lossy(&wire)))
+            })?;
+            prop_assert!(done);
+            prop_assert_eq!(used, wire.len());
+            prop_assert_eq!(out, body);
+        }
+
+        /// The limit counts decoded bytes: a body of exactly `limit` passes, one more is 413.
+        #[test]
+        fn limit_is_exact((body, wire) in body_and_framing(), slack in 0u64..3, cut in any::<usize>()) {
+            let len = body.len() as u64;
+            let limit = len.saturating_sub(slack);
+            match feed(&wire, &[cut], limit) {
+                Ok((out, _, true)) => prop_assert!(out.len() as u64 <= limit && len <= limit),
+                Ok(_) => prop_assert!(false, "unfinished"),
+                Err(e) => prop_assert!(e == ChunkError::TooLarge && len > limit, "{:?}", e),
+            }
+        }
+
+        /// Random bytes: no panic, never more than the limit out, and the outcome does not
+        /// depend on how the bytes arrive.
+        #[test]
+        fn arbitrary_input_is_split_invariant(
+            input in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..200),
+                prop::collection::vec(prop::sample::select(b"0123456789aAfF;= \t\r\nxX:".to_vec()), 0..200),
+            ],
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+            limit in 0u64..64,
+        ) {
+            let whole = feed(&input, &[], limit);
+            let split = feed(&input, &cuts, limit);
+            if let Ok((out, used, _)) = &whole {
+                prop_assert!(out.len() as u64 <= limit);
+                prop_assert!(*used <= input.len());
+            }
+            match (whole, split) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "whole {:?} vs split {:?}", a, b),
+            }
+        }
+
+        /// Edits of a valid encoding: no panic, and the body never grows past what was sent.
+        #[test]
+        fn edited_encodings_never_panic(
+            (_, wire) in body_and_framing(),
+            edits in prop::collection::vec((any::<Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut wire = wire;
+            for (at, b) in edits {
+                let i = at.index(wire.len());
+                wire[i] = b;
+            }
+            if let Ok((out, used, _)) = feed(&wire, &[], u64::MAX) {
+                prop_assert!(out.len() <= used);
+            }
+        }
+    }
+}

@@ -269,18 +269,20 @@ pub fn range(req: &Request, len: u64, v: &Validators) -> RangeAnswer {
             .then(|| s.parse().ok())
             .flatten()
     };
-    match (a.is_empty(), num(a), num(b)) {
+    // A range that does not parse is ignored (200), never judged unsatisfiable (416); nor
+    // is one whose last byte comes before its first (RFC 9110 §14.1.1).
+    if (!a.is_empty() && num(a).is_none()) || (!b.is_empty() && num(b).is_none()) {
+        return RangeAnswer::Full;
+    }
+    match (num(a), num(b)) {
         // bytes=-N: the last N bytes
-        (true, _, Some(n)) if n > 0 && len > 0 => {
-            RangeAnswer::Partial(len.saturating_sub(n), len - 1)
-        }
-        (true, _, Some(_)) => RangeAnswer::Unsatisfiable,
-        (false, Some(start), _) if start >= len => RangeAnswer::Unsatisfiable,
-        (false, Some(start), None) if b.is_empty() => RangeAnswer::Partial(start, len - 1),
-        (false, Some(start), Some(end)) if start <= end => {
-            RangeAnswer::Partial(start, end.min(len - 1))
-        }
-        _ => RangeAnswer::Full,
+        (None, Some(n)) if n > 0 && len > 0 => RangeAnswer::Partial(len.saturating_sub(n), len - 1),
+        (None, Some(_)) => RangeAnswer::Unsatisfiable,
+        (Some(start), Some(end)) if start > end => RangeAnswer::Full,
+        (Some(start), _) if start >= len => RangeAnswer::Unsatisfiable,
+        (Some(start), None) => RangeAnswer::Partial(start, len - 1),
+        (Some(start), Some(end)) => RangeAnswer::Partial(start, end.min(len - 1)),
+        (None, None) => RangeAnswer::Full,
     }
 }
 
@@ -302,13 +304,23 @@ pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     if gmt != "GMT" || parts.next().is_some() {
         return None;
     }
-    let d: u32 = d.parse().ok()?;
+    // Fixed-width digits, as IMF-fixdate has them: a year of any length would overflow the
+    // day arithmetic below.
+    let digits = |s: &str, n: usize| -> Option<u64> {
+        (s.len() == n && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let d = digits(d, 2)? as u32;
     let m = MONTHS.iter().position(|x| *x == mon)? as u32 + 1;
-    // Four digits, as IMF-fixdate has: a huge year would overflow the day count.
-    let y: i64 = y.parse().ok().filter(|y| (1..=9999).contains(y))?;
-    let mut t = hms.split(':').map(|x| x.parse::<u64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if d == 0 || d > 31 || hh > 23 || mm > 59 || ss > 60 {
+    let y = digits(y, 4)? as i64;
+    let mut t = hms.split(':');
+    let (hh, mm, ss) = (
+        digits(t.next()?, 2)?,
+        digits(t.next()?, 2)?,
+        digits(t.next()?, 2)?,
+    );
+    if t.next().is_some() || d == 0 || d > 31 || hh > 23 || mm > 59 || ss > 60 {
         return None;
     }
     let days = days_from_civil(y, m, d);
@@ -411,5 +423,199 @@ mod tests {
             assert_eq!(parse_http_date(date.as_bytes()), None, "{date}");
         }
         assert!(parse_http_date(b"Fri, 31 Dec 9999 23:59:59 GMT").is_some());
+    }
+
+    /// Found by the property tests: a range that does not parse, or ends before it starts,
+    /// is ignored (200), not answered 416 because its start lies past the end.
+    #[test]
+    fn invalid_ranges_past_the_end_are_ignored() {
+        let v = Validators {
+            etag: "\"x\"".into(),
+            modified: 0,
+        };
+        for (value, len) in [("bytes=4425-0", 0), ("bytes=10-abc", 5), ("bytes=9-3", 5)] {
+            let req = Request {
+                method: "GET".into(),
+                target: "/".into(),
+                version: 1,
+                headers: vec![("Range".into(), value.as_bytes().to_vec())],
+            };
+            assert_eq!(range(&req, len, &v), RangeAnswer::Full, "{value}");
+        }
+    }
+
+    /// A year of 19 digits overflowed `days_from_civil` (a panic with overflow checks, a
+    /// wrong date without); `props::http_dates_never_panic` reproduces it on the old parser.
+    #[test]
+    fn http_date_with_a_huge_year_is_no_date() {
+        for v in [
+            &b"Sun, 06 Nov 9223372036854775807 08:49:37 GMT"[..],
+            b"Sun, 06 Nov -9223372036854775808 08:49:37 GMT",
+            b"Sun, 06 Nov 99999 08:49:37 GMT",
+            b"Sun, 6 Nov 1994 08:49:37 GMT",
+            b"Sun, 06 Nov 1994 08:49:37:00 GMT",
+            b"Sun, +6 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(v), None, "{}", String::from_utf8_lossy(v));
+        }
+    }
+}
+
+/// Property tests: the Range header and the validators of any client never panic, and a
+/// range answered lies inside the file.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn request(method: &str, headers: Vec<(&str, Vec<u8>)>) -> Request {
+        Request {
+            method: method.into(),
+            target: "/f".into(),
+            version: 1,
+            headers: headers
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+        }
+    }
+
+    fn validators() -> Validators {
+        Validators {
+            etag: "\"5f.0-a\"".into(),
+            modified: 784_111_777,
+        }
+    }
+
+    fn len() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..4, 0u64..10_000, any::<u64>()]
+    }
+
+    /// A number as a client may write it, overflowing ones included.
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u64..20_000).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "[0-9]{20,25}",
+            "0[0-9]{1,3}",
+        ]
+    }
+
+    /// What RFC 9110 §14.1.2 makes of one `first-last` or `-suffix` range; `None`: ignored.
+    fn model(first: Option<u64>, last: Option<u64>, len: u64) -> Option<RangeAnswer> {
+        Some(match (first, last) {
+            (None, None) => return None,
+            (None, Some(0)) => RangeAnswer::Unsatisfiable,
+            (None, Some(_)) if len == 0 => RangeAnswer::Unsatisfiable,
+            (None, Some(n)) => RangeAnswer::Partial(len - n.min(len), len - 1),
+            (Some(a), Some(b)) if a > b => return None,
+            (Some(a), _) if a >= len => RangeAnswer::Unsatisfiable,
+            (Some(a), None) => RangeAnswer::Partial(a, len - 1),
+            (Some(a), Some(b)) => RangeAnswer::Partial(a, b.min(len - 1)),
+        })
+    }
+
+    /// IMF-fixdate's shape, each field mostly valid, sometimes a number of any size and sign.
+    fn date_like() -> impl Strategy<Value = String> {
+        let field = |valid: std::ops::Range<i64>, digits: &'static str| {
+            prop_oneof![
+                3 => valid.prop_map(|n| format!("{n:02}")),
+                1 => any::<i64>().prop_map(|n| n.to_string()),
+                1 => digits,
+            ]
+        };
+        (
+            field(1..32, "[0-9+-]{1,3}"),
+            prop::sample::select(vec!["Jan", "Feb", "Nov", "Dec", "nov", "Foo"]),
+            field(1900..10_000, "[0-9+-]{1,22}"),
+            (
+                field(0..24, "[0-9]{1,3}"),
+                field(0..60, "[0-9]{1,3}"),
+                field(0..61, "[0-9]{1,3}"),
+            ),
+        )
+            .prop_map(|(d, mon, y, (hh, mm, ss))| format!("Sun, {d} {mon} {y} {hh}:{mm}:{ss} GMT"))
+    }
+
+    proptest! {
+        #![proptest_config(crate::shared::prop::config(1024))]
+
+        #[test]
+        fn range_never_leaves_the_file(
+            value in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..40),
+                "bytes=[0-9 ,-]{0,30}".prop_map(String::into_bytes),
+            ],
+            if_range in prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
+            len in len(),
+        ) {
+            let mut headers = vec![("Range", value)];
+            if let Some(v) = if_range {
+                headers.push(("If-Range", v));
+            }
+            match range(&request("GET", headers), len, &validators()) {
+                RangeAnswer::Partial(a, b) => prop_assert!(a <= b && b < len, "{a}-{b}/{len}"),
+                RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
+            }
+        }
+
+        #[test]
+        fn range_follows_rfc_9110(
+            first in prop::option::of(number()),
+            last in prop::option::of(number()),
+            len in len(),
+            spaces in any::<bool>(),
+        ) {
+            let pad = if spaces { " " } else { "" };
+            let value = format!(
+                "bytes={pad}{}-{}{pad}",
+                first.as_deref().unwrap_or(""),
+                last.as_deref().unwrap_or("")
+            );
+            let parse = |s: &Option<String>| s.as_ref().map(|s| s.parse::<u64>().ok());
+            let (first, last) = (parse(&first), parse(&last));
+            let want = if first == Some(None) || last == Some(None) {
+                // Past u64: not a range this server can mean.
+                RangeAnswer::Full
+            } else {
+                model(first.flatten(), last.flatten(), len).unwrap_or(RangeAnswer::Full)
+            };
+            let req = request("GET", vec![("Range", value.clone().into_bytes())]);
+            prop_assert_eq!(range(&req, len, &validators()), want, "{}", value);
+            // Only GET has ranges; an If-Range that does not match the file asks for all of it.
+            let req = request("HEAD", vec![("Range", value.clone().into_bytes())]);
+            prop_assert_eq!(range(&req, len, &validators()), RangeAnswer::Full);
+            let stale = ("If-Range", b"\"other\"".to_vec());
+            let req = request("GET", vec![("Range", value.into_bytes()), stale]);
+            prop_assert_eq!(range(&req, len, &validators()), RangeAnswer::Full);
+        }
+
+        #[test]
+        fn http_dates_never_panic(
+            v in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..40),
+                date_like().prop_map(String::into_bytes),
+            ],
+        ) {
+            if let Some(secs) = parse_http_date(&v) {
+                // Whatever parses is a time this server can write back.
+                let _ = http::http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+            }
+            let req = request("GET", vec![("If-Modified-Since", v.clone()), ("If-Range", v)]);
+            let _ = validators().not_modified(&req);
+            let _ = range(&req, 10, &validators());
+        }
+
+        /// Every second from 1970 to the end of year 9999 writes and reads back unchanged.
+        #[test]
+        fn http_dates_round_trip(secs in 0u64..253_402_300_800) {
+            let text = http::http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+            prop_assert_eq!(parse_http_date(text.as_bytes()), Some(secs), "{}", text);
+        }
+
+        #[test]
+        fn etag_lists_never_panic(list in prop::collection::vec(any::<u8>(), 0..60), strong in any::<bool>()) {
+            let _ = etag_list_matches(&list, "\"5f.0-a\"", strong);
+        }
     }
 }

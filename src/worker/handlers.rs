@@ -184,3 +184,66 @@ mod tests {
         assert_ne!(key("r", "192.0.2.1"), key("r", "192.0.2.2"));
     }
 }
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::shared::config::RouteSecurity;
+    use crate::worker::router::Cached;
+
+    /// A memory route whose file grew between stat and read (`meta` says 100 bytes, 10 were
+    /// read): a range past the bytes held is 416, and the whole file is the 10 bytes.
+    #[test]
+    fn memory_route_ranges_are_checked_against_what_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
+        std::fs::write(&path, [b'x'; 100]).unwrap();
+        let cached = Cached {
+            bytes: Bytes::from_static(b"0123456789"),
+            meta: std::fs::metadata(&path).unwrap(),
+        };
+        let route = FileRoute {
+            root: path.clone(),
+            root_canon: path.clone(),
+            root_fd: None,
+            is_dir: false,
+            index: "index.html".into(),
+            cache: [(path.clone(), cached)].into_iter().collect(),
+        };
+        let entry = RouteEntry {
+            name: "t".into(),
+            prefix: "/f.txt".into(),
+            handler: Handler::File(route),
+            security: RouteSecurity::default(),
+            allowed: vec![],
+            denied: vec![],
+        };
+        let m = Matched {
+            route: &entry,
+            rest: String::new(),
+            exact: true,
+        };
+        let get = |range: Option<&str>| {
+            let headers = range
+                .map(|r| ("Range".to_string(), r.as_bytes().to_vec()))
+                .into_iter()
+                .collect();
+            let req = Request {
+                method: "GET".into(),
+                target: "/f.txt".into(),
+                version: 1,
+                headers,
+            };
+            let r = handle(&req, &m);
+            let body = match r.body {
+                Body::Bytes(b) => b,
+                _ => Bytes::new(),
+            };
+            (r.head.status, body)
+        };
+        assert_eq!(get(Some("bytes=50-60")).0, 416);
+        assert_eq!(get(Some("bytes=5-60")), (206, Bytes::from_static(b"56789")));
+        assert_eq!(get(Some("bytes=-3")), (206, Bytes::from_static(b"789")));
+        assert_eq!(get(None), (200, Bytes::from_static(b"0123456789")));
+    }
+}

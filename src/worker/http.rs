@@ -280,9 +280,11 @@ fn percent_decode(s: &str) -> Result<String, ()> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or(())?;
-            let v = u8::from_str_radix(std::str::from_utf8(hex).map_err(|_| ())?, 16)
-                .map_err(|_| ())?;
+            // Two hex digits exactly: `u8::from_str_radix` would also take a sign (`%+1`).
+            let &[hi, lo] = b.get(i + 1..i + 3).ok_or(())? else {
+                return Err(());
+            };
+            let v = hex_digit(hi)? << 4 | hex_digit(lo)?;
             if v == b'/' || v == b'\\' || v == 0 {
                 return Err(());
             }
@@ -294,6 +296,10 @@ fn percent_decode(s: &str) -> Result<String, ()> {
         }
     }
     String::from_utf8(out).map_err(|_| ())
+}
+
+fn hex_digit(b: u8) -> Result<u8, ()> {
+    (b as char).to_digit(16).map(|d| d as u8).ok_or(())
 }
 
 /// Percent-encodes what may not stand in a URL path as it is (for Location headers).
@@ -462,9 +468,353 @@ mod tests {
             ("/a%zz", None),
             ("/a%2", None),
             ("/%ff", None),
+            // Found by the property tests: `from_str_radix` took a sign as a digit.
+            ("/%+1", None),
+            ("/%-1", None),
+            ("/% 1", None),
             ("relative", None),
         ] {
             assert_eq!(normalize_path(input).ok().as_deref(), want, "{input}");
+        }
+    }
+}
+
+/// Property tests: arbitrary bytes never panic the head parser or the path normaliser, and
+/// what a well-formed request says comes back out of them unchanged, however it is split.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    /// A request as a client would write it.
+    #[derive(Debug, Clone)]
+    struct Wire {
+        method: String,
+        target: String,
+        version: u8,
+        headers: Vec<(String, String)>,
+    }
+
+    impl Wire {
+        fn encode(&self) -> Vec<u8> {
+            let mut s = format!(
+                "{} {} HTTP/1.{}\r\n",
+                self.method, self.target, self.version
+            );
+            for (n, v) in &self.headers {
+                s.push_str(&format!("{n}: {v}\r\n"));
+            }
+            s.push_str("\r\n");
+            s.into_bytes()
+        }
+    }
+
+    fn method() -> impl Strategy<Value = String> {
+        prop_oneof![
+            select(vec!["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"]).prop_map(String::from),
+            "[A-Z][A-Z_-]{0,9}",
+        ]
+    }
+
+    fn origin_target() -> impl Strategy<Value = String> {
+        "/[A-Za-z0-9._~!$&'()*+,;=:@/%?-]{0,40}"
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,20}"
+    }
+
+    /// Visible ASCII, with inner spaces: httparse trims the value's outer whitespace.
+    fn header_value() -> impl Strategy<Value = String> {
+        prop_oneof![Just(String::new()), "[!-~]([ -~]{0,30}[!-~])?"]
+    }
+
+    /// Names that carry framing or routing are left to the framing property.
+    fn plain_header() -> impl Strategy<Value = (String, String)> {
+        (header_name(), header_value()).prop_filter("framing or host header", |(n, _)| {
+            !["host", "content-length", "transfer-encoding", "expect"]
+                .iter()
+                .any(|h| n.eq_ignore_ascii_case(h))
+        })
+    }
+
+    fn wire() -> impl Strategy<Value = Wire> {
+        (
+            method(),
+            origin_target(),
+            0u8..2,
+            prop::collection::vec(plain_header(), 0..12),
+        )
+            .prop_map(|(method, target, version, headers)| Wire {
+                method,
+                target,
+                version,
+                headers,
+            })
+    }
+
+    /// Every accessor a connection uses on a parsed head, for the no-panic properties.
+    fn exercise(req: &Request) {
+        let _ = req.check();
+        let _ = (req.host(), req.raw_host(), req.wants_keep_alive());
+        let _ = (req.expects_continue(), req.connection_has("upgrade"));
+        if let Ok(p) = normalize_path(req.path()) {
+            let _ = encode_path(&p);
+        }
+    }
+
+    fn same(req: &Request, w: &Wire) {
+        assert_eq!(req.method, w.method);
+        assert_eq!(req.target, w.target);
+        assert_eq!(req.version, w.version);
+        let got: Vec<(&str, &[u8])> = req
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        let want: Vec<(&str, &[u8])> = w
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    proptest! {
+        #![proptest_config(crate::shared::prop::config(512))]
+
+        #[test]
+        fn parse_never_panics_on_bytes(buf in prop::collection::vec(any::<u8>(), 0..600)) {
+            if let Parse::Complete(req, n) = parse(&buf) {
+                prop_assert!(n <= buf.len());
+                exercise(&req);
+            }
+        }
+
+        /// Random edits of a valid head reach the checks behind the parser.
+        #[test]
+        fn parse_never_panics_on_edited_heads(
+            w in wire(),
+            host in "[ -~]{0,20}",
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 0..6),
+        ) {
+            let mut w = w;
+            w.headers.push(("Host".into(), host));
+            let mut buf = w.encode();
+            for (at, byte, op) in edits {
+                let i = at.index(buf.len());
+                match op {
+                    0 => buf[i] = byte,
+                    1 => buf.insert(i, byte),
+                    _ => { buf.remove(i); }
+                }
+            }
+            if let Parse::Complete(req, n) = parse(&buf) {
+                prop_assert!(n <= buf.len());
+                exercise(&req);
+            }
+        }
+
+        /// A well-formed head parses to what was written, whatever follows it, and every
+        /// proper prefix of it is Partial.
+        #[test]
+        fn parse_round_trips_in_any_split(
+            w in wire(),
+            tail in prop::collection::vec(any::<u8>(), 0..32),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..8),
+        ) {
+            let head = w.encode();
+            for cut in cuts {
+                let k = cut.index(head.len());
+                prop_assert!(matches!(parse(&head[..k]), Parse::Partial), "prefix {k}");
+            }
+            let mut buf = head.clone();
+            buf.extend_from_slice(&tail);
+            match parse(&buf) {
+                Parse::Complete(req, n) => {
+                    prop_assert_eq!(n, head.len());
+                    same(&req, &w);
+                }
+                _ => prop_assert!(false, "not complete: {:?}", String::from_utf8_lossy(&head)),
+            }
+        }
+
+        /// `check`'s framing decision, against RFC 9112 §6: Transfer-Encoding and
+        /// Content-Length never together, chunked only in HTTP/1.1, Host required in 1.1.
+        #[test]
+        fn check_decides_framing(
+            w in wire(),
+            host in prop::option::of("[a-z0-9.-]{1,20}(:[0-9]{1,5})?"),
+            length in prop::option::of(0u64..u64::MAX / 2),
+            chunked in any::<bool>(),
+        ) {
+            let mut w = w;
+            if let Some(h) = &host {
+                w.headers.push(("Host".into(), h.clone()));
+            }
+            if let Some(n) = length {
+                w.headers.push(("Content-Length".into(), n.to_string()));
+            }
+            if chunked {
+                w.headers.push(("Transfer-Encoding".into(), "chunked".into()));
+            }
+            let Parse::Complete(req, _) = parse(&w.encode()) else {
+                return Err(TestCaseError::fail("a valid head did not parse"));
+            };
+            let no_host = host.is_none() && w.version == 1;
+            let want = if no_host || (chunked && (length.is_some() || w.version == 0)) {
+                Err(400)
+            } else if chunked {
+                Ok(Framing::Chunked)
+            } else {
+                Ok(match length {
+                    None | Some(0) => Framing::None,
+                    Some(n) => Framing::Length(n),
+                })
+            };
+            prop_assert_eq!(req.check(), want);
+            if let Some(h) = host {
+                let name = h.split(':').next().unwrap_or_default();
+                prop_assert_eq!(req.host(), name);
+            }
+        }
+    }
+
+    /// What a client could put into a path: separators, dots, escapes, and any character.
+    fn raw_path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "/[/.%0-9a-fA-F\\\\]{0,30}",
+            "/[/.%a-z0-9+ -]{0,30}",
+            "/\\PC{0,20}",
+            "\\PC{0,20}",
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Seg {
+        Name(String),
+        Empty,
+        Dot,
+        DotDot,
+    }
+
+    fn seg() -> impl Strategy<Value = Seg> {
+        prop_oneof![
+            4 => "([A-Za-z0-9_~-]|\\.\\.\\.|[^/\\\\\\x00%]){1,6}"
+                .prop_filter("dot segments are generated as such", |n| n != "." && n != "..")
+                .prop_map(Seg::Name),
+            1 => Just(Seg::Empty),
+            1 => Just(Seg::Dot),
+            2 => Just(Seg::DotDot),
+        ]
+    }
+
+    fn join(segs: &[Seg]) -> String {
+        let parts: Vec<&str> = segs
+            .iter()
+            .map(|s| match s {
+                Seg::Name(n) => n.as_str(),
+                Seg::Empty => "",
+                Seg::Dot => ".",
+                Seg::DotDot => "..",
+            })
+            .collect();
+        format!("/{}", parts.join("/"))
+    }
+
+    /// The normalisation of RFC 3986 §5.2.4 plus slash merging, on segments: `None` when
+    /// `..` would climb above the root.
+    fn model(segs: &[Seg]) -> Option<String> {
+        let mut stack: Vec<&str> = Vec::new();
+        let mut trailing = false;
+        for s in segs {
+            trailing = true;
+            match s {
+                Seg::Name(n) if n == "." || n == ".." => unreachable!("generated as Dot/DotDot"),
+                Seg::Name(n) => {
+                    stack.push(n);
+                    trailing = false;
+                }
+                Seg::Empty | Seg::Dot => {}
+                Seg::DotDot => {
+                    stack.pop()?;
+                }
+            }
+        }
+        let mut out: String = stack.iter().map(|s| format!("/{s}")).collect();
+        if trailing || out.is_empty() {
+            out.push('/');
+        }
+        Some(out)
+    }
+
+    /// Percent-encodes the bytes picked by `mask` (never a `/`), in either hex case.
+    fn encode_some(path: &str, mask: &[bool]) -> String {
+        let mut out = String::new();
+        for (i, b) in path.bytes().enumerate() {
+            let pick = mask.get(i % mask.len().max(1)).copied().unwrap_or(false);
+            if b == b'/' || !(pick || b >= 0x80 || b == b'%') {
+                out.push(b as char);
+            } else if i % 2 == 0 {
+                out.push_str(&format!("%{b:02X}"));
+            } else {
+                out.push_str(&format!("%{b:02x}"));
+            }
+        }
+        out
+    }
+
+    fn well_formed(n: &str) -> Result<(), TestCaseError> {
+        prop_assert!(n.starts_with('/'), "{n}");
+        prop_assert!(!n.contains("//"), "{n}");
+        for seg in n.split('/') {
+            prop_assert!(seg != "." && seg != "..", "dot segment in {n}");
+        }
+        prop_assert!(!n.contains(['\\', '\0']), "{n}");
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::shared::prop::config(1024))]
+
+        #[test]
+        fn normalize_path_output_is_canonical(p in raw_path()) {
+            let Ok(n) = normalize_path(&p) else { return Ok(()) };
+            well_formed(&n)?;
+            // Only complete escapes decode.
+            let b = p.as_bytes();
+            for (i, _) in p.match_indices('%') {
+                let hex = b.get(i + 1..i + 3).unwrap_or_default();
+                prop_assert!(hex.len() == 2 && hex.iter().all(u8::is_ascii_hexdigit), "{p}");
+            }
+            // In URL form (as a Location header or a backend request carries it) the
+            // normalised path is a fixed point.
+            prop_assert_eq!(normalize_path(&encode_path(&n)), Ok(n.clone()));
+            if !n.contains('%') {
+                prop_assert_eq!(normalize_path(&n), Ok(n.clone()));
+            }
+        }
+
+        /// Dot-segments and slashes resolve as on segments, however the path is escaped,
+        /// and never above the root.
+        #[test]
+        fn normalize_path_matches_the_segment_model(
+            segs in prop::collection::vec(seg(), 0..10),
+            mask in prop::collection::vec(any::<bool>(), 1..8),
+        ) {
+            let plain = join(&segs);
+            let want = model(&segs);
+            prop_assert_eq!(normalize_path(&plain).ok(), want.clone());
+            let escaped = encode_some(&plain, &mask);
+            prop_assert_eq!(normalize_path(&escaped).ok(), want, "{}", escaped);
+        }
+
+        #[test]
+        fn encode_path_writes_only_path_characters(p in "\\PC{0,30}") {
+            let e = encode_path(&p);
+            let bad = |b: u8| !b.is_ascii_graphic() || b"\"<>\\^`{|}#?".contains(&b);
+            prop_assert!(!e.bytes().any(bad), "{}", e);
         }
     }
 }

@@ -438,3 +438,93 @@ mod tests {
         assert_eq!(c.meta.len(), 3);
     }
 }
+
+/// Property test: whatever the configured prefixes (matchit's `{`, `}` and `*` included), a
+/// path goes to the route with the longest prefix that matches it at a segment boundary.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::shared::config::Route;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn region() -> &'static Region {
+        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
+        SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"))
+            .region()
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "[a-c]{1,2}",
+            1 => "[a-c{}*:.-]{1,3}",
+        ]
+    }
+
+    fn prefix() -> impl Strategy<Value = String> {
+        (prop::collection::vec(segment(), 0..3), any::<bool>()).prop_map(|(segs, slash)| {
+            let mut p = format!("/{}", segs.join("/"));
+            if slash && !p.ends_with('/') {
+                p.push('/');
+            }
+            p
+        })
+    }
+
+    /// The routes' bases (prefixes without their trailing slash), one route per base.
+    fn prefixes() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(prefix(), 1..6).prop_map(|ps| {
+            let mut seen = std::collections::HashSet::new();
+            ps.into_iter()
+                .filter(|p| seen.insert(p.trim_end_matches('/').to_string()))
+                .collect()
+        })
+    }
+
+    fn longest<'a>(bases: impl Iterator<Item = &'a str>, path: &str) -> Option<&'a str> {
+        bases
+            .filter(|b| path == *b || path.starts_with(&format!("{b}/")) || b.is_empty())
+            .max_by_key(|b| b.len())
+    }
+
+    proptest! {
+        #![proptest_config(crate::shared::prop::config(256))]
+
+        #[test]
+        fn the_longest_matching_prefix_wins(
+            prefixes in prefixes(),
+            paths in prop::collection::vec((any::<prop::sample::Index>(), prop::collection::vec(segment(), 0..3), any::<bool>()), 1..8),
+        ) {
+            let mut routes = BTreeMap::new();
+            for (i, p) in prefixes.iter().enumerate() {
+                let route = Route {
+                    kind: RouteType::Redirect,
+                    redirect_url: Some(format!("https://x/{i}")),
+                    ..Route::default()
+                };
+                routes.insert(p.clone(), route);
+            }
+            let mut config = Config::default();
+            config.path_routes.insert("a.test".into(), routes);
+            let router = Router::build(&config, false, region()).map_err(TestCaseError::fail)?;
+            let bases: Vec<String> = prefixes.iter().map(|p| p.trim_end_matches('/').to_string()).collect();
+            for (at, tail, slash) in paths {
+                // Under some route's prefix, or anywhere.
+                let mut path = at.get(&bases).clone();
+                for s in tail {
+                    path.push('/');
+                    path.push_str(&s);
+                }
+                if slash || path.is_empty() {
+                    path.push('/');
+                }
+                let want = longest(bases.iter().map(String::as_str), &path);
+                let got = router.route("a.test", &path);
+                prop_assert_eq!(got.as_ref().map(|m| m.route.prefix.as_str()), want, "{}", path);
+                if let (Some(m), Some(b)) = (got, want) {
+                    prop_assert_eq!(m.rest.as_str(), &path[b.len()..]);
+                }
+            }
+        }
+    }
+}

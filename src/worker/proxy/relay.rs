@@ -17,6 +17,8 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
 /// Largest response head accepted from a backend.
 const MAX_HEAD: usize = 64 * 1024;
+/// Most interim (1xx) responses accepted before the final one.
+const MAX_INTERIM: u32 = 16;
 
 pub struct BackendResponse {
     pub status: u16,
@@ -47,11 +49,17 @@ pub enum HeadError {
 pub async fn read_head(bconn: &mut BackendConn) -> Result<BackendResponse, HeadError> {
     let mut buf = Vec::with_capacity(4096);
     let mut received = 0usize;
+    let mut interim = 0;
     loop {
         if !buf.is_empty() {
             match parse(&buf) {
                 Parsed::Head(r, n) if (100..200).contains(&r.status) && r.status != 101 => {
-                    // 100 Continue, 103 Early Hints: interim, not relayed.
+                    // 100 Continue, 103 Early Hints: interim, not relayed. A backend that
+                    // sends them without end would hold the exchange despite every deadline.
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(HeadError::Invalid);
+                    }
                     buf.drain(..n);
                     continue;
                 }
