@@ -24,7 +24,8 @@ fn autobahn_cases_pass_through_the_proxy_as_they_do_directly() {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "autobahn through the proxy:\n{stdout}\n{stderr}\n{}",
+        "autobahn through the proxy ({}):\n{stdout}\n{stderr}\n{}",
+        out.status,
         s.log()
     );
     assert!(stdout.contains("the proxy adds no failure"));
