@@ -124,25 +124,6 @@ fn exchange(
     Ok((r, keeps))
 }
 
-fn read_pid(p: &std::path::Path) -> Option<i32> {
-    std::fs::read_to_string(p)
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-}
-
-/// Kills a master started by the upgrade, and its workers, if the test ends before it does.
-struct Reap(i32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for pid in children_of(self.0).into_iter().chain([self.0]) {
-            if alive(pid) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 #[test]
 fn a_non_retrying_keep_alive_client_loses_nothing_across_reloads_and_an_upgrade() {
     let mut s = Server::prepare(

@@ -5,8 +5,6 @@
 mod common;
 use common::backend::Backend;
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,35 +19,6 @@ fn start_with_big_file() -> Server {
     s.spawn();
     s.wait_ready();
     s
-}
-
-/// GET /big, read slowly (256 KiB per `pace`) on its own thread; returns what arrived before
-/// the server closed or the file was complete.
-fn slow_download(s: &Server, pace: Duration) -> thread::JoinHandle<Vec<u8>> {
-    let mut stream = TcpStream::connect(s.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(stream, "GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    thread::spawn(move || {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 200"));
-        let mut body = Vec::with_capacity(BIG);
-        let mut chunk = vec![0u8; 256 * 1024];
-        while body.len() < BIG {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => body.extend_from_slice(&chunk[..n]),
-            }
-            thread::sleep(pace);
-        }
-        body
-    })
 }
 
 fn uids(pid: i32, field: &str) -> Vec<String> {
@@ -123,7 +92,7 @@ servers = ["{}"]
 fn sigterm_lets_a_slow_download_finish_then_the_master_exits() {
     let mut s = start_with_big_file();
     let workers = s.workers();
-    let download = slow_download(&s, Duration::from_millis(30));
+    let download = slow_download(&s, BIG, Duration::from_millis(30));
     thread::sleep(Duration::from_millis(300));
     s.signal(libc::SIGTERM);
     assert!(wait_until(Duration::from_secs(3), || s
@@ -144,7 +113,7 @@ fn a_second_signal_during_the_drain_stops_at_once() {
     let mut s = start_with_big_file();
     let workers = s.workers();
     // Ctrl+C first: graceful, the download goes on.
-    let download = slow_download(&s, Duration::from_millis(50));
+    let download = slow_download(&s, BIG, Duration::from_millis(50));
     thread::sleep(Duration::from_millis(300));
     s.signal(libc::SIGINT);
     assert!(wait_until(Duration::from_secs(3), || s
@@ -181,7 +150,7 @@ fn assert_fast_exits(s: &Server) {
 #[test]
 fn dash_s_stop_is_fast() {
     let mut s = start_with_big_file();
-    let download = slow_download(&s, Duration::from_millis(50));
+    let download = slow_download(&s, BIG, Duration::from_millis(50));
     thread::sleep(Duration::from_millis(300));
     let out = std::process::Command::new(BIN)
         .args(["-c", s.config_path.to_str().unwrap(), "-s", "stop"])
@@ -331,12 +300,6 @@ fn a_health_check_removed_by_a_reload_leaves_its_server_healthy() {
         s.log()
     );
     assert_eq!(get(&s.url("/")).0, 200);
-}
-
-fn read_pid(p: &std::path::Path) -> Option<i32> {
-    std::fs::read_to_string(p)
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
 }
 
 #[test]

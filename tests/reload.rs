@@ -2,8 +2,6 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -43,34 +41,6 @@ fn start() -> Server {
     s
 }
 
-/// GET /big on a raw socket, reading slowly so the download spans reloads.
-fn slow_download(s: &Server, pace: Duration) -> thread::JoinHandle<Vec<u8>> {
-    let mut stream = TcpStream::connect(s.addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(stream, "GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    thread::spawn(move || {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        let mut body = Vec::with_capacity(BIG);
-        let mut chunk = vec![0u8; 256 * 1024];
-        while body.len() < BIG {
-            let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "connection closed after {} bytes", body.len());
-            body.extend_from_slice(&chunk[..n]);
-            thread::sleep(pace);
-        }
-        body
-    })
-}
-
 #[test]
 fn ten_reloads_under_load_lose_no_request() {
     let s = start();
@@ -80,7 +50,7 @@ fn ten_reloads_under_load_lose_no_request() {
         Some("common\n"),
         &[true, true, false, false],
     );
-    let download = slow_download(&s, Duration::from_millis(40));
+    let download = slow_download(&s, BIG, Duration::from_millis(40));
     let metrics_before = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
 
     let mut old_generations = Vec::new();
@@ -179,7 +149,7 @@ fn quit_finishes_a_slow_download_then_exits_and_removes_the_pid_file() {
         s.pid().to_string()
     );
     let workers = s.workers();
-    let download = slow_download(&s, Duration::from_millis(15));
+    let download = slow_download(&s, BIG, Duration::from_millis(15));
     thread::sleep(Duration::from_millis(300));
     s.signal(libc::SIGQUIT);
     // New connections are no longer taken once the workers drain.

@@ -6,19 +6,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-/// Kills a master started by the upgrade, and its workers, if a test ends before it does.
-struct Reap(i32);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for pid in children_of(self.0).into_iter().chain([self.0]) {
-            if alive(pid) {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 /// Inodes of the sockets listening on `port` (from /proc/net/tcp).
 fn listening_inodes(port: u16) -> std::collections::HashSet<String> {
     let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
@@ -69,11 +56,6 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
 
     // USR2: a new master from the binary on disk, on the same sockets.
     s.signal(libc::SIGUSR2);
-    let read_pid = |p: &std::path::Path| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-    };
     assert!(
         wait_until(Duration::from_secs(10), || read_pid(&pid_file)
             .is_some_and(|p| p != old)),
@@ -166,11 +148,6 @@ fn a_rejected_upgrade_rolls_back_to_the_old_master() {
     s.spawn();
     s.wait_ready();
     let pid_file = s.path("zc.pid");
-    let read_pid = |p: &std::path::Path| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-    };
     let old = s.pid();
     s.signal(libc::SIGUSR2);
     assert!(wait_until(Duration::from_secs(10), || read_pid(&pid_file)

@@ -503,3 +503,60 @@ impl Load {
         (ok, failures)
     }
 }
+
+/// GET /big on a raw socket, read slowly (256 KiB per `pace`) on its own thread, so that the
+/// download spans reloads, drains and signals; returns what arrived before the server closed
+/// or `len` bytes came.
+pub fn slow_download(s: &Server, len: usize, pace: Duration) -> std::thread::JoinHandle<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut stream = TcpStream::connect(s.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        let mut body = Vec::with_capacity(len);
+        let mut chunk = vec![0u8; 256 * 1024];
+        while body.len() < len {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+            std::thread::sleep(pace);
+        }
+        body
+    })
+}
+
+/// The pid a pid file names, if it names one.
+pub fn read_pid(p: &Path) -> Option<i32> {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+}
+
+/// Kills a master started by a binary upgrade, and its workers, if a test ends before it does.
+pub struct Reap(pub i32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in children_of(self.0).into_iter().chain([self.0]) {
+            if alive(pid) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
