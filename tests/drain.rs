@@ -148,22 +148,7 @@ fn a_non_retrying_keep_alive_client_loses_nothing_across_reloads_and_an_upgrade(
     }
 
     // The binary upgrade, as an operator does it: USR2, WINCH and QUIT to the old master.
-    let old = s.pid();
-    let pid_file = s.path("zc.pid");
-    s.signal(libc::SIGUSR2);
-    assert!(
-        wait_until(Duration::from_secs(10), || read_pid(&pid_file)
-            .is_some_and(|p| p != old)),
-        "{}",
-        s.log()
-    );
-    let new = read_pid(&pid_file).unwrap();
-    let _reap = Reap(new);
-    assert!(
-        wait_until(Duration::from_secs(10), || children_of(new).len() == 2),
-        "{}",
-        s.log()
-    );
+    let new = s.upgrade(&s.path("zc.pid"), 2);
     thread::sleep(Duration::from_millis(300));
     s.signal(libc::SIGWINCH);
     thread::sleep(Duration::from_millis(500));
@@ -184,7 +169,7 @@ fn a_non_retrying_keep_alive_client_loses_nothing_across_reloads_and_an_upgrade(
         &fresh_failures[..fresh_failures.len().min(5)],
     );
     assert!(kept_ok > 200 && fresh_ok > 100, "{kept_ok} and {fresh_ok}");
-    unsafe { libc::kill(new, libc::SIGQUIT) };
+    unsafe { libc::kill(new.0, libc::SIGQUIT) };
 }
 
 #[test]

@@ -55,24 +55,12 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
     let before = metric(&s.metrics(), "zerocopy_proxy_http_requests_total", &[]);
 
     // USR2: a new master from the binary on disk, on the same sockets.
-    s.signal(libc::SIGUSR2);
-    assert!(
-        wait_until(Duration::from_secs(10), || read_pid(&pid_file)
-            .is_some_and(|p| p != old)),
-        "{}",
-        s.log()
-    );
-    let new = read_pid(&pid_file).unwrap();
-    let _reap = Reap(new);
+    let reap = s.upgrade(&pid_file, 2);
+    let new = reap.0;
     assert_eq!(
         read_pid(&oldbin),
         Some(old),
         "the old master's pid file is renamed .oldbin"
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || children_of(new).len() == 2),
-        "{}",
-        s.log()
     );
     assert!(
         s.log()

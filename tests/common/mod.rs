@@ -560,3 +560,26 @@ impl Drop for Reap {
         }
     }
 }
+
+impl Server {
+    /// USR2 to this master; waits until the new master has written the pid file and its
+    /// `workers` workers run. Returns the new master, killed when the `Reap` is dropped.
+    pub fn upgrade(&self, pid_file: &Path, workers: usize) -> Reap {
+        let old = self.pid();
+        self.signal(libc::SIGUSR2);
+        assert!(
+            wait_until(Duration::from_secs(10), || read_pid(pid_file)
+                .is_some_and(|p| p != old)),
+            "no new master\n{}",
+            self.log()
+        );
+        let new = Reap(read_pid(pid_file).unwrap());
+        assert!(
+            wait_until(Duration::from_secs(10), || children_of(new.0).len()
+                == workers),
+            "the new master's workers do not run\n{}",
+            self.log()
+        );
+        new
+    }
+}
