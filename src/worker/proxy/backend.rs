@@ -230,10 +230,14 @@ impl AsyncWriteRent for BackendStream {
     }
 }
 
+/// How long a connection back in the pool is trusted without checking it is still open.
+const TRUST_FRESH: Duration = Duration::from_secs(1);
+
 /// Idle keep-alive connections of this worker, per backend.
 #[derive(Default)]
 pub struct Pool {
-    idle: RefCell<HashMap<String, Vec<(BackendConn, Instant)>>>,
+    /// Per backend: the connection, when it expires, since when it is idle.
+    idle: RefCell<HashMap<String, Vec<(BackendConn, Instant, Instant)>>>,
 }
 
 impl Pool {
@@ -243,8 +247,13 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&target.key)?;
         let now = Instant::now();
-        while let Some((conn, expires)) = list.pop() {
-            if now < expires && conn.still_open() {
+        while let Some((conn, expires, idle_since)) = list.pop() {
+            // A connection back in the pool for less than `TRUST_FRESH` is taken without a
+            // peek (a system call per request on a busy proxy): a backend rarely closes one
+            // that soon, and a bodiless idempotent request that finds it dead is sent again
+            // on a fresh connection. One idle longer is checked.
+            let fresh = now.duration_since(idle_since) < TRUST_FRESH;
+            if now < expires && (fresh || conn.still_open()) {
                 let mut conn = conn;
                 conn.reused = true;
                 return Some(conn);
@@ -258,7 +267,8 @@ impl Pool {
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(target.key.clone()).or_default();
         if list.len() < max {
-            list.push((conn, Instant::now() + timeout));
+            let now = Instant::now();
+            list.push((conn, now + timeout, now));
         }
     }
 
@@ -267,7 +277,7 @@ impl Pool {
     pub fn sweep(&self) {
         let now = Instant::now();
         for list in self.idle.borrow_mut().values_mut() {
-            list.retain(|(conn, expires)| now < *expires && conn.still_open());
+            list.retain(|(conn, expires, _)| now < *expires && conn.still_open());
         }
     }
 }
