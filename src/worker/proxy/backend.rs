@@ -233,11 +233,13 @@ impl AsyncWriteRent for BackendStream {
 /// How long a connection back in the pool is trusted without checking it is still open.
 const TRUST_FRESH: Duration = Duration::from_secs(1);
 
+/// A pooled connection, when it expires, and since when it is idle.
+type Idle = (BackendConn, Instant, Instant);
+
 /// Idle keep-alive connections of this worker, per backend.
 #[derive(Default)]
 pub struct Pool {
-    /// Per backend: the connection, when it expires, since when it is idle.
-    idle: RefCell<HashMap<String, Vec<(BackendConn, Instant, Instant)>>>,
+    idle: RefCell<HashMap<String, Vec<Idle>>>,
 }
 
 impl Pool {
