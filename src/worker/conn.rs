@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-const HEAD_BUF: usize = 4096;
+use super::server::HEAD_BUF;
+/// How long an idle connection keeps its head buffer before waiting without one.
+const HOT: Duration = Duration::from_millis(50);
 
 pub struct Conn<S> {
     pub stream: S,
@@ -67,7 +69,7 @@ pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr, limi
     let mut conn = Conn {
         stream,
         linger: false,
-        buf: Vec::with_capacity(HEAD_BUF),
+        buf: Vec::new(),
         peer,
         tunnel: None,
         limits,
@@ -76,29 +78,42 @@ pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr, limi
     loop {
         let head = read_head(ctx, &mut conn, fresh).await;
         fresh = false;
+        // The exchange, the error answer and the tunnel are boxed: their states are large,
+        // and inline they would make every idle connection's task as large as the largest.
         let keep = match head {
-            Head::Request(incoming) => exchange(ctx, &mut conn, incoming).await,
+            Head::Request(incoming) => Box::pin(exchange(ctx, &mut conn, incoming)).await,
             Head::Close => false,
             Head::Error(status) => {
                 let started = Instant::now();
                 let r = Response::error(status);
-                finish(ctx, &mut conn, r, false, None, Meta::unparsed(started)).await;
+                Box::pin(finish(
+                    ctx,
+                    &mut conn,
+                    r,
+                    false,
+                    None,
+                    Meta::unparsed(started),
+                ))
+                .await;
                 false
             }
         };
         if let Some((parts, idle)) = conn.tunnel.take() {
             let early = std::mem::take(&mut conn.buf);
-            return tunnel::run(ctx, conn.stream, &conn.limits, early, parts, idle).await;
+            let run = tunnel::run(ctx, conn.stream, &conn.limits, early, parts, idle);
+            return Box::pin(run).await;
         }
         if !keep {
             if conn.linger {
-                linger(&mut conn).await;
+                Box::pin(linger(&mut conn)).await;
             }
+            ctx.give_head(std::mem::take(&mut conn.buf));
             return;
         }
-        // An idle connection keeps no large buffer.
-        if conn.buf.is_empty() && conn.buf.capacity() > HEAD_BUF {
-            conn.buf = Vec::with_capacity(HEAD_BUF);
+        // Between requests the connection holds no buffer (bytes of a pipelined request
+        // excepted): an idle connection costs its task and its socket only.
+        if conn.buf.is_empty() {
+            ctx.give_head(std::mem::take(&mut conn.buf));
         }
     }
 }
@@ -111,16 +126,31 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
     if !fresh {
         // Between requests: nginx's keepalive_timeout. Draining does not cut this wait short,
         // since the client may be sending already; the drain's own deadline bounds it.
-        conn.limits.set_read(Limit::Each(ctx.keepalive));
+        conn.limits
+            .set_read(Limit::By(Instant::now() + ctx.keepalive));
+    }
+    // A client that sends at once is read with a buffer at once; one quiet for `HOT` gives
+    // its buffer back and is woken by readiness (plain TCP; TLS streams keep reading).
+    let waited = conn.limits.read();
+    let mut hot = true;
+    if conn.buf.is_empty() && conn.stream.plain().is_some() {
+        if let Limit::By(at) = waited {
+            conn.limits
+                .set_read(Limit::By(at.min(Instant::now() + HOT)));
+        }
     }
     loop {
         if !conn.buf.is_empty() {
             if started.is_none() {
                 let now = Instant::now();
                 started = Some(now);
-                if !fresh {
-                    conn.limits.set_read(Limit::By(now + ctx.head_timeout));
-                }
+                // The head's deadline: from the accept for a first request, else from its
+                // first byte.
+                conn.limits.set_read(if fresh {
+                    waited
+                } else {
+                    Limit::By(now + ctx.head_timeout)
+                });
             }
             match http::parse(&conn.buf) {
                 Parse::Complete(req, n) => {
@@ -144,6 +174,13 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
             }
         }
         let idle = conn.buf.is_empty();
+        if idle && conn.buf.capacity() == 0 {
+            if hot {
+                conn.buf = ctx.take_head();
+            } else if !wait_for_bytes(ctx, conn).await {
+                return Head::Close;
+            }
+        }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
             conn.buf.reserve(HEAD_BUF);
         }
@@ -154,10 +191,28 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
         match res {
             Ok(0) => return Head::Close,
             Ok(_) => {}
+            Err(e) if timed::is_timeout(&e) && idle && hot && conn.limits.read() != waited => {
+                // Quiet past HOT, not past its deadline: wait without a buffer.
+                hot = false;
+                conn.limits.set_read(waited);
+                ctx.give_head(std::mem::take(&mut conn.buf));
+            }
             Err(e) if timed::is_timeout(&e) && !idle => return Head::Error(408),
             Err(_) => return Head::Close,
         }
     }
+}
+
+/// Waits, holding no buffer, until the client sends or its read deadline passes; then takes
+/// a head buffer. `false`: nothing came in time, or the connection failed.
+async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>) -> bool {
+    if let Some(tcp) = conn.stream.plain() {
+        if tcp.readable().await.is_err() {
+            return false;
+        }
+    }
+    conn.buf = ctx.take_head();
+    true
 }
 
 /// One request and its response. Returns whether the connection may carry another.

@@ -44,6 +44,8 @@ pub struct Ctx {
     pub head_timeout: Duration,
     /// Reusable 64 KiB buffers for bodies; an idle connection holds none.
     pool: RefCell<Vec<Vec<u8>>>,
+    /// Reusable buffers for request heads, held only while a request is read and answered.
+    heads: RefCell<Vec<Vec<u8>>>,
     /// Idle keep-alive connections to backends.
     pub backends: super::proxy::backend::Pool,
     /// Upstream servers of this generation's config, as `/__metrics` names them.
@@ -51,6 +53,8 @@ pub struct Ctx {
 }
 
 pub const BODY_BUF: usize = 64 * 1024;
+pub const HEAD_BUF: usize = 4096;
+const HEADS_MAX: usize = 1024;
 const POOL_MAX: usize = 64;
 
 impl Ctx {
@@ -68,6 +72,7 @@ impl Ctx {
             keepalive: Duration::from_secs(start.config.server.keepalive_timeout_secs),
             head_timeout: Duration::from_secs(start.config.server.client_header_timeout_secs),
             pool: RefCell::new(Vec::new()),
+            heads: RefCell::new(Vec::new()),
             backends: Default::default(),
             shutdown_timeout: Duration::from_secs(start.config.server.shutdown_timeout_secs),
             default_security: RouteSecurity::default(),
@@ -86,6 +91,23 @@ impl Ctx {
             .borrow_mut()
             .pop()
             .unwrap_or_else(|| Vec::with_capacity(BODY_BUF))
+    }
+
+    /// A buffer for a request head, from the pool of this worker.
+    pub fn take_head(&self) -> Vec<u8> {
+        self.heads
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HEAD_BUF))
+    }
+
+    /// Gives a head buffer back (a grown one is freed: the pool holds small ones).
+    pub fn give_head(&self, mut buf: Vec<u8>) {
+        let mut heads = self.heads.borrow_mut();
+        if heads.len() < HEADS_MAX && buf.capacity() == HEAD_BUF {
+            buf.clear();
+            heads.push(buf);
+        }
     }
 
     pub fn give_buf(&self, mut buf: Vec<u8>) {
