@@ -79,6 +79,12 @@ fn config_source(cli: &Cli) -> ConfigSource {
 }
 
 fn main() {
+    // The allocator asks for transparent huge pages for its arenas: a worker's heap would then
+    // be touched in 2 MiB pieces, and thousands of idle connections of a few hundred bytes
+    // each would cost megabytes. Small pages unless `huge_pages_enabled` asks otherwise
+    // (inherited by every child).
+    // SAFETY: prctl with integer arguments only; it changes this process's memory policy.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let code = match real_main() {
         Ok(code) => code,
         Err(e) => {

@@ -186,7 +186,9 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
         }
         let (len, cap) = (conn.buf.len(), conn.buf.capacity().min(limit + 1));
         let owned = std::mem::take(&mut conn.buf).slice_mut(len..cap.max(len + 1));
-        let (res, slice) = conn.stream.read(owned).await;
+        // Boxed: a read in flight is short-lived, and its state would otherwise widen
+        // every connection's task, idle ones included.
+        let (res, slice) = Box::pin(conn.stream.read(owned)).await;
         conn.buf = slice.into_inner();
         match res {
             Ok(0) => return Head::Close,
@@ -207,7 +209,9 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
 /// a head buffer. `false`: nothing came in time, or the connection failed.
 async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>) -> bool {
     if let Some(tcp) = conn.stream.plain() {
-        if tcp.readable().await.is_err() {
+        // Boxed: its timer is cache-line aligned and large, and only idle connections wait
+        // here; inline it would widen every connection's task.
+        if Box::pin(tcp.readable()).await.is_err() {
             return false;
         }
     }

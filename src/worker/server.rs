@@ -54,7 +54,9 @@ pub struct Ctx {
 
 pub const BODY_BUF: usize = 64 * 1024;
 pub const HEAD_BUF: usize = 4096;
-const HEADS_MAX: usize = 1024;
+/// Head buffers kept for reuse: enough for the requests a worker has in flight at once;
+/// past that they are freed, so a burst of idle connections leaves nothing behind.
+const HEADS_MAX: usize = 64;
 const POOL_MAX: usize = 64;
 
 impl Ctx {
@@ -253,17 +255,15 @@ async fn accept_loop(
                 let tls = tls.clone();
                 monoio::spawn(async move {
                     let stream = Timed::new(stream, limits.clone());
+                    // Only the plain connection is inline: this task lives as long as the
+                    // connection, idle or not, and is as large as its largest branch.
                     match tls {
-                        _ if over => refuse(&ctx, stream, tls.is_some()).await,
+                        _ if over => Box::pin(refuse(&ctx, stream, tls.is_some())).await,
                         None => super::conn::serve(&ctx, stream, peer, limits).await,
                         Some((_, true)) => drop(stream),
-                        // The handshake counts against the head's deadline.
-                        Some((acceptor, false)) => match acceptor.accept(stream).await {
-                            Ok(tls_stream) => {
-                                super::conn::serve(&ctx, tls_stream, peer, limits).await
-                            }
-                            Err(e) => log::debug!("TLS handshake with {peer} failed: {e}"),
-                        },
+                        Some((acceptor, false)) => {
+                            Box::pin(serve_tls(&ctx, acceptor, stream, peer, limits)).await
+                        }
                     }
                     ctx.connections.set(ctx.connections.get() - 1);
                     ctx.slot.connections.fetch_sub(1, Relaxed);
@@ -277,6 +277,20 @@ async fn accept_loop(
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// A TLS connection: the handshake (within the head's deadline), then HTTP over it.
+async fn serve_tls(
+    ctx: &Ctx,
+    acceptor: monoio_rustls::TlsAcceptor,
+    stream: Timed,
+    peer: std::net::SocketAddr,
+    limits: Rc<Deadlines>,
+) {
+    match acceptor.accept(stream).await {
+        Ok(tls_stream) => super::conn::serve(ctx, tls_stream, peer, limits).await,
+        Err(e) => log::debug!("TLS handshake with {peer} failed: {e}"),
     }
 }
 
