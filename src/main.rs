@@ -5,6 +5,7 @@ use mimalloc::MiMalloc;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+mod health;
 mod master;
 mod shared;
 mod worker;
@@ -100,7 +101,7 @@ fn real_main() -> Result<i32> {
     let source = config_source(&cli);
     match &cli.action {
         Action::Run => {
-            master::run(source, worker::run, worker::health::run)?;
+            master::run(source, worker::run, health::run)?;
             Ok(0)
         }
         Action::Test { print } => Ok(test_config(&source, *print)),

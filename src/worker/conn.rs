@@ -2,13 +2,13 @@
 //! and go round again while the connection may be kept alive. Requests on a connection are
 //! answered one after the other, so pipelined requests are answered in order.
 
-use super::body::{self, BodyReader};
-use super::client::ClientStream;
+use super::http::body::{self, BodyReader};
+use super::http::client::ClientStream;
 use super::handlers;
 use super::http::{self, Framing, Parse, Request};
 use super::proxy::tunnel::{self, TunnelParts};
 use super::recorder::Outcome;
-use super::respond::{self, Response};
+use super::http::respond::{self, Response};
 use super::router::{Handler, RouteEntry};
 use super::server::Ctx;
 use super::timed::{self, Deadlines, Limit};

@@ -2,22 +2,15 @@
 //! It serves the sockets it was handed until the master tells it to drain (SIGQUIT) or to
 //! stop (SIGTERM/SIGINT).
 
-mod body;
-mod chunked;
-mod client;
 mod conn;
-mod diskfile;
-mod files;
 mod handlers;
-pub mod health;
 mod http;
 mod ktls;
-mod proxy;
+pub(crate) mod proxy;
 mod recorder;
-mod respond;
 mod router;
 mod server;
-mod signals;
+pub(crate) mod signals;
 mod timed;
 
 use crate::shared::config::Config;

@@ -8,7 +8,7 @@
 //! not `/px`; the part after the prefix (`rest`, starting with `/` or empty) goes to the
 //! handler.
 
-use super::diskfile::{self, Opened};
+use super::handlers::diskfile::{self, Opened};
 use super::proxy::backend::Target;
 use super::proxy::upstream::Upstream;
 use super::proxy::ProxyRoute;

@@ -5,8 +5,8 @@
 
 use super::backend::BackendConn;
 use super::{chunk, connection_tokens, is_hop_by_hop};
-use crate::worker::body::BodyReader;
-use crate::worker::client::ClientStream;
+use crate::worker::http::body::BodyReader;
+use crate::worker::http::client::ClientStream;
 use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::{Framing, Request, ResponseHead};
 use crate::worker::router::RouteEntry;

@@ -6,7 +6,7 @@
 
 use super::backend::{BackendConn, BackendStream};
 use super::relay::BackendResponse;
-use crate::worker::client::ClientStream;
+use crate::worker::http::client::ClientStream;
 use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::ResponseHead;
 use crate::worker::router::RouteEntry;

@@ -2,8 +2,8 @@
 //! `sendfile(2)`: their bytes never pass through user space.
 
 use super::client::ClientStream;
-use super::http::{self, ResponseHead};
-use super::timed::{timed_out, Limit, Timed};
+use super::{self as http, ResponseHead};
+use crate::worker::timed::{timed_out, Limit, Timed};
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 use std::os::fd::AsRawFd;

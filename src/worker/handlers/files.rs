@@ -8,8 +8,8 @@
 //! path, else 404.
 
 use super::diskfile::{self, Opened};
-use super::http::{self, Request};
-use super::router::{Cached, FileRoute};
+use crate::worker::http::{self, Request};
+use crate::worker::router::{Cached, FileRoute};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 

@@ -3,7 +3,7 @@
 //! owner sets `client_body_timeout_secs` or the backend read timeout before reading).
 
 use super::chunked::{ChunkError, ChunkedDecoder};
-use super::http::Framing;
+use super::Framing;
 use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
 
@@ -125,7 +125,7 @@ impl BodyReader {
         into: T,
     ) -> Result<(usize, T), BodyError> {
         match stream.read(into).await {
-            (Err(e), _) if super::timed::is_timeout(&e) => Err(BodyError::Timeout),
+            (Err(e), _) if crate::worker::timed::is_timeout(&e) => Err(BodyError::Timeout),
             (Ok(0), _) | (Err(_), _) => Err(BodyError::Closed),
             (Ok(n), back) => Ok((n, back)),
         }

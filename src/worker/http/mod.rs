@@ -1,5 +1,10 @@
 //! HTTP/1.1 request heads and response heads.
 
+pub mod body;
+pub mod chunked;
+pub mod client;
+pub mod respond;
+
 use std::fmt::Write as _;
 
 pub const MAX_HEADERS: usize = 100;

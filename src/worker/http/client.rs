@@ -2,7 +2,7 @@
 //! a `Timed` socket. The HTTP engine is written once over `ClientStream`; what differs is
 //! whether bytes may go to the socket directly (sendfile, a half-close before lingering).
 
-use super::timed::Timed;
+use crate::worker::timed::Timed;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio_rustls::ServerTlsStream;
 use std::os::fd::{AsRawFd, RawFd};

@@ -1,10 +1,13 @@
 //! What a routed request is answered with: per-route access checks, then the route's
 //! handler. Everything here decides a response; nothing here does I/O on the client socket.
 
-use super::files::{self, RangeAnswer, Resolved, Validators};
-use super::http::{self, Request, ResponseHead};
-use super::respond::{Body, Response};
-use super::router::{FileRoute, Handler, Matched, RedirectRoute, RouteEntry};
+pub mod diskfile;
+pub mod files;
+
+use files::{RangeAnswer, Resolved, Validators};
+use crate::worker::http::{self, Request, ResponseHead};
+use crate::worker::http::respond::{Body, Response};
+use crate::worker::router::{FileRoute, Handler, Matched, RedirectRoute, RouteEntry};
 use crate::shared::shm::Region;
 use bytes::Bytes;
 use std::net::IpAddr;
@@ -152,7 +155,7 @@ fn welcome(req: &Request) -> Response {
 /// The metrics endpoint, if `path` is its path: the metrics, or for an address that may not
 /// read them the plain 404 of an unknown path (no route takes the request over). `None`: not
 /// the metrics path, route as usual.
-pub fn metrics(ctx: &super::server::Ctx, path: &str, ip: IpAddr) -> Option<Response> {
+pub fn metrics(ctx: &crate::worker::server::Ctx, path: &str, ip: IpAddr) -> Option<Response> {
     let access = &ctx.router.metrics;
     if path != access.path {
         return None;

@@ -7,8 +7,8 @@
 //! `timeout_secs`. `unhealthy_threshold` failures in a row mark the server down,
 //! `healthy_threshold` successes in a row mark it up again; each change is logged.
 
-use super::proxy::backend::{self, Target};
-use super::proxy::relay;
+use crate::worker::proxy::backend::{self, Target};
+use crate::worker::proxy::relay;
 use crate::shared::config::{backend_key, HealthCheck};
 use crate::shared::shm::Region;
 use crate::shared::{self, WorkerStart};
@@ -25,10 +25,10 @@ pub fn run(start: WorkerStart) -> ! {
         Ok(()) => 0,
         Err(e) => {
             log::error!("{e}");
-            super::EXIT_STARTUP_FAILED
+            crate::worker::EXIT_STARTUP_FAILED
         }
     };
-    super::exit(code)
+    crate::worker::exit(code)
 }
 
 fn serve(start: WorkerStart) -> Result<(), String> {
@@ -40,10 +40,10 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     let config = start.config.clone();
     let log_output = shared::log::open_output(&config.logging)
         .map_err(|e| format!("cannot open the log file: {e}"))?;
-    super::drop_privileges(&start)?;
+    crate::worker::drop_privileges(&start)?;
     shared::log::start_async(&config.logging, log_output)?;
     let signals =
-        super::signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        crate::worker::signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut checks = Vec::new();
     for (name, up) in &config.upstreams {
         let Some(hc) = &up.health_check else { continue };
