@@ -7,11 +7,11 @@
 //! `timeout_secs`. `unhealthy_threshold` failures in a row mark the server down,
 //! `healthy_threshold` successes in a row mark it up again; each change is logged.
 
-use crate::worker::proxy::backend::{self, Target};
-use crate::worker::proxy::relay;
 use crate::shared::config::{backend_key, HealthCheck};
 use crate::shared::shm::Region;
 use crate::shared::{self, WorkerStart};
+use crate::worker::proxy::backend::{self, Target};
+use crate::worker::proxy::relay;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::{FusionDriver, RuntimeBuilder};
 use std::rc::Rc;
@@ -42,8 +42,8 @@ fn serve(start: WorkerStart) -> Result<(), String> {
         .map_err(|e| format!("cannot open the log file: {e}"))?;
     crate::worker::drop_privileges(&start)?;
     shared::log::start_async(&config.logging, log_output)?;
-    let signals =
-        crate::worker::signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let signals = crate::worker::signals::install()
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut checks = Vec::new();
     for (name, up) in &config.upstreams {
         let Some(hc) = &up.health_check else { continue };

@@ -1,43 +1,42 @@
-//! One client connection: read a request head, check it, route it, deal with its body, answer,
-//! and go round again while the connection may be kept alive. Requests on a connection are
-//! answered one after the other, so pipelined requests are answered in order.
+//! One client connection: read a request head, check it, hand it to the service, and go
+//! round again while the connection may be kept alive. Requests on a connection are answered
+//! one after the other, so pipelined requests are answered in order. What a request is
+//! answered with (routes, handlers, the proxy) is the service's business, behind `Service`.
 
-use super::http::body::{self, BodyReader};
+use super::ctx::{Ctx, HEAD_BUF};
+use super::exchange::{self, Client, Exchange, Incoming, Meta};
 use super::http::client::ClientStream;
-use super::handlers;
-use super::http::{self, Framing, Parse, Request};
-use super::proxy::tunnel::{self, TunnelParts};
-use super::recorder::Outcome;
-use super::http::respond::{self, Response};
-use super::router::{Handler, RouteEntry};
-use super::server::Ctx;
+use super::http::respond::{Body, Response};
+use super::http::{self, Parse, Request};
 use super::timed::{self, Deadlines, Limit};
-use crate::shared::config::RouteSecurity;
 use monoio::buf::IoBufMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::server::HEAD_BUF;
 /// How long an idle connection keeps its head buffer before waiting without one.
 const HOT: Duration = Duration::from_millis(50);
 
-pub struct Conn<S> {
-    pub stream: S,
-    /// An error was answered and the client may still be sending: close gently.
-    pub linger: bool,
-    /// Bytes read and not yet used: the head being read, then what follows it.
-    pub buf: Vec<u8>,
-    pub peer: SocketAddr,
-    /// Set when a WebSocket upgrade succeeded: the connection becomes a tunnel, idle for
-    /// at most this long.
-    pub tunnel: Option<(TunnelParts, Duration)>,
-    /// The deadlines of the client socket, set phase by phase.
-    pub limits: Rc<Deadlines>,
+/// What answers the requests of a connection.
+#[allow(async_fn_in_trait)]
+pub trait Service {
+    /// What a connection becomes after a successful upgrade.
+    type Tunnel;
+
+    /// Answers one request whose head passed the protocol checks.
+    async fn exchange<S: ClientStream>(
+        &self,
+        ctx: &Ctx,
+        client: &mut Client<S>,
+        incoming: Incoming,
+    ) -> Exchange<Self::Tunnel>;
+
+    /// Runs the tunnel to its end; the connection closes after it.
+    async fn tunnel<S: ClientStream>(&self, ctx: &Ctx, client: Client<S>, tunnel: Self::Tunnel);
 }
 
 /// A request head and how it arrived.
-struct Incoming {
+struct Arrived {
     req: Request,
     head_len: usize,
     /// From the first byte of the head.
@@ -45,33 +44,25 @@ struct Incoming {
 }
 
 enum Head {
-    Request(Incoming),
+    Request(Arrived),
     /// The peer closed, or no request came in time: close quietly.
     Close,
     /// Answer with this status and close.
     Error(u16),
 }
 
-impl<S> Conn<S> {
-    /// The client's address, an IPv4-mapped IPv6 address as the IPv4 address it is: what
-    /// access lists, balancing and rate limits compare.
-    pub fn client_ip(&self) -> std::net::IpAddr {
-        match self.peer.ip() {
-            std::net::IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-            v4 => v4,
-        }
-    }
-}
-
-pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr, limits: Rc<Deadlines>) {
-    let mut conn = Conn {
+pub async fn serve<S: ClientStream, H: Service>(
+    ctx: &Ctx,
+    service: &H,
+    stream: S,
+    peer: SocketAddr,
+    limits: Rc<Deadlines>,
+) {
+    let mut conn = Client {
         stream,
         linger: false,
         buf: Vec::new(),
         peer,
-        tunnel: None,
         limits,
     };
     let mut fresh = true;
@@ -80,35 +71,24 @@ pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr, limi
         fresh = false;
         // The exchange, the error answer and the tunnel are boxed: their states are large,
         // and inline they would make every idle connection's task as large as the largest.
-        let keep = match head {
-            Head::Request(incoming) => Box::pin(exchange(ctx, &mut conn, incoming)).await,
-            Head::Close => false,
+        let next = match head {
+            Head::Request(arrived) => Box::pin(exchange(ctx, service, &mut conn, arrived)).await,
+            Head::Close => Exchange::Close,
             Head::Error(status) => {
-                let started = Instant::now();
-                let r = Response::error(status);
-                Box::pin(finish(
-                    ctx,
-                    &mut conn,
-                    r,
-                    false,
-                    None,
-                    Meta::unparsed(started),
-                ))
-                .await;
-                false
+                let meta = Meta::unparsed(Instant::now());
+                Box::pin(exchange::fail(ctx, &mut conn, status, None, meta)).await
             }
         };
-        if let Some((parts, idle)) = conn.tunnel.take() {
-            let early = std::mem::take(&mut conn.buf);
-            let run = tunnel::run(ctx, conn.stream, &conn.limits, early, parts, idle);
-            return Box::pin(run).await;
-        }
-        if !keep {
-            if conn.linger {
-                Box::pin(linger(&mut conn)).await;
+        match next {
+            Exchange::KeepAlive => {}
+            Exchange::Tunnel(t) => return Box::pin(service.tunnel(ctx, conn, t)).await,
+            Exchange::Close => {
+                if conn.linger {
+                    Box::pin(linger(&mut conn)).await;
+                }
+                ctx.give_head(std::mem::take(&mut conn.buf));
+                return;
             }
-            ctx.give_head(std::mem::take(&mut conn.buf));
-            return;
         }
         // Between requests the connection holds no buffer (bytes of a pipelined request
         // excepted): an idle connection costs its task and its socket only.
@@ -120,7 +100,7 @@ pub async fn serve<S: ClientStream>(ctx: &Ctx, stream: S, peer: SocketAddr, limi
 
 /// `fresh`: no request has been read on this connection yet; its head's deadline was set
 /// when it was accepted.
-async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) -> Head {
+async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>, fresh: bool) -> Head {
     let limit = ctx.max_head;
     let mut started = None;
     if !fresh {
@@ -155,7 +135,7 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
             match http::parse(&conn.buf) {
                 Parse::Complete(req, n) => {
                     conn.buf.drain(..n);
-                    return Head::Request(Incoming {
+                    return Head::Request(Arrived {
                         req,
                         head_len: n,
                         started: started.unwrap_or_else(Instant::now),
@@ -207,7 +187,7 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, fresh: bool) 
 
 /// Waits, holding no buffer, until the client sends or its read deadline passes; then takes
 /// a head buffer. `false`: nothing came in time, or the connection failed.
-async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>) -> bool {
+async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>) -> bool {
     if let Some(tcp) = conn.stream.plain() {
         // Boxed: its timer is cache-line aligned and large, and only idle connections wait
         // here; inline it would widen every connection's task.
@@ -219,199 +199,47 @@ async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>) -> bool 
     true
 }
 
-/// One request and its response. Returns whether the connection may carry another.
-async fn exchange<S: ClientStream>(ctx: &Ctx, conn: &mut Conn<S>, incoming: Incoming) -> bool {
-    let Incoming {
+/// The protocol's checks (framing, target, path), then the service.
+async fn exchange<S: ClientStream, H: Service>(
+    ctx: &Ctx,
+    service: &H,
+    conn: &mut Client<S>,
+    arrived: Arrived,
+) -> Exchange<H::Tunnel> {
+    let Arrived {
         req,
         head_len,
         started,
-    } = incoming;
-    let meta = Meta {
-        method: req.method.clone(),
-        version: req.version,
-        host: req.host(),
-        started,
-        request_bytes: 0,
-    };
+    } = arrived;
+    let meta = Meta::of(&req, started);
     let framing = match req.check() {
         Ok(f) => f,
-        Err(status) => {
-            return finish(ctx, conn, Response::error(status), false, None, meta).await;
-        }
+        Err(status) => return exchange::fail(ctx, conn, status, None, meta).await,
     };
     let keep = req.wants_keep_alive() && !ctx.draining.get();
-    if req.target == "*" {
-        // `OPTIONS *` (the only method `check` lets through with it): the server is here.
-        let r = Response::new(http::ResponseHead::new(204), respond::Body::Empty);
-        return respond_after_body(ctx, conn, &req, framing, r, keep, None, meta).await;
-    }
-    let Ok(path) = http::normalize_path(req.path()) else {
-        return finish(ctx, conn, Response::error(400), false, None, meta).await;
+    // `OPTIONS *` (the only method `check` lets through with it) asks about the server.
+    let star = req.target == "*";
+    let path = if star {
+        String::new()
+    } else {
+        match http::normalize_path(req.path()) {
+            Ok(path) => path,
+            Err(()) => return exchange::fail(ctx, conn, 400, None, meta).await,
+        }
     };
-    if let Some(r) = handlers::metrics(ctx, &path, conn.client_ip()) {
-        return respond_after_body(ctx, conn, &req, framing, r, keep, None, meta).await;
-    }
-    let Some(m) = ctx.router.route(&meta.host, &path) else {
-        return respond_after_body(
-            ctx,
-            conn,
-            &req,
-            framing,
-            Response::error(404),
-            keep,
-            None,
-            meta,
-        )
-        .await;
+    let incoming = Incoming {
+        req,
+        path,
+        framing,
+        head_len,
+        keep,
+        meta,
     };
-    log::trace!("{} {} {path} -> {}", req.method, meta.host, m.route.name);
-    let sec = &m.route.security;
-    conn.limits
-        .set_write(Limit::Each(Duration::from_secs(sec.send_timeout_secs)));
-    // The route is known only now: its own head limits apply from here.
-    if head_len as u64 > sec.max_request_header_size {
-        return finish(ctx, conn, Response::error(431), false, Some(sec), meta).await;
+    if star {
+        let r = Response::new(http::ResponseHead::new(204), Body::Empty);
+        return exchange::answer(ctx, conn, incoming, r, None).await;
     }
-    if started.elapsed() > Duration::from_secs(sec.client_header_timeout_secs) {
-        return finish(ctx, conn, Response::error(408), false, Some(sec), meta).await;
-    }
-    if let Framing::Length(n) = framing {
-        if n > sec.max_request_body_size {
-            // Not read: the connection cannot be reused.
-            return finish(ctx, conn, Response::error(413), false, Some(sec), meta).await;
-        }
-    }
-    if let Some(r) = handlers::refuse(&req, m.route, conn.client_ip(), ctx.region) {
-        return respond_after_body(ctx, conn, &req, framing, r, keep, Some(sec), meta).await;
-    }
-    if let Handler::Proxy(p) = &m.route.handler {
-        return super::proxy::forward(ctx, conn, &req, &m, p, framing, keep, meta).await;
-    }
-    let r = handlers::handle(&req, &m);
-    respond_after_body(ctx, conn, &req, framing, r, keep, Some(sec), meta).await
-}
-
-/// Deals with the request body, then sends `r`. A successful answer reads (and drops) the
-/// body first, sending `100 Continue` if the client waits for it; an error answers at once
-/// and closes, leaving the body unread.
-#[allow(clippy::too_many_arguments)]
-async fn respond_after_body<S: ClientStream>(
-    ctx: &Ctx,
-    conn: &mut Conn<S>,
-    req: &Request,
-    framing: Framing,
-    r: Response,
-    keep: bool,
-    sec: Option<&RouteSecurity>,
-    mut meta: Meta,
-) -> bool {
-    if framing == Framing::None {
-        return finish(ctx, conn, r, keep, sec, meta).await;
-    }
-    if r.status() >= 400 {
-        return finish(ctx, conn, r, false, sec, meta).await;
-    }
-    if req.expects_continue() && respond::send_continue(&mut conn.stream).await.is_err() {
-        return false;
-    }
-    let limits = sec.unwrap_or(&ctx.default_security);
-    conn.limits.set_read(Limit::Each(Duration::from_secs(
-        limits.client_body_timeout_secs,
-    )));
-    let mut reader = BodyReader::new(framing, limits.max_chunked_body_size);
-    let mut scratch = ctx.take_buf();
-    let result = body::discard(&mut reader, &mut conn.stream, &mut conn.buf, &mut scratch).await;
-    ctx.give_buf(scratch);
-    match result {
-        Ok(n) => {
-            meta.request_bytes = n;
-            finish(ctx, conn, r, keep, sec, meta).await
-        }
-        Err(e) => match e.status() {
-            Some(status) => finish(ctx, conn, Response::error(status), false, sec, meta).await,
-            None => false,
-        },
-    }
-}
-
-/// What the metrics need to know of a request.
-pub struct Meta {
-    pub method: String,
-    /// 0 for an HTTP/1.0 request: a kept connection must then say `Connection: keep-alive`.
-    pub version: u8,
-    pub host: String,
-    pub started: Instant,
-    pub request_bytes: u64,
-}
-
-impl Meta {
-    fn unparsed(started: Instant) -> Meta {
-        Meta {
-            method: "OTHER".into(),
-            version: 1,
-            host: String::new(),
-            started,
-            request_bytes: 0,
-        }
-    }
-}
-
-/// Sends `r` with the route's header changes and records it. Returns whether the connection
-/// may carry another request.
-async fn finish<S: ClientStream>(
-    ctx: &Ctx,
-    conn: &mut Conn<S>,
-    mut r: Response,
-    keep: bool,
-    sec: Option<&RouteSecurity>,
-    meta: Meta,
-) -> bool {
-    // Framing that cannot be trusted, or a server-side failure: do not reuse the connection.
-    let keep = keep && !matches!(r.status(), 400 | 408 | 413 | 414 | 431 | 500..);
-    r.head = std::mem::replace(&mut r.head, http::ResponseHead::new(0)).with_defaults();
-    if let Some(sec) = sec {
-        apply_route_headers(&mut r.head, sec);
-    }
-    if meta.method == "HEAD" {
-        r.strip_body();
-    }
-    let status = r.status();
-    if keep && meta.version == 0 {
-        r.head.set("Connection", "keep-alive");
-    }
-    let sent = respond::send(&mut conn.stream, r, keep).await;
-    conn.linger = status >= 400 && sent.is_ok();
-    ctx.recorder.record(&Outcome {
-        method: &meta.method,
-        host: &meta.host,
-        status,
-        duration: meta.started.elapsed(),
-        request_bytes: meta.request_bytes,
-        response_bytes: *sent.as_ref().unwrap_or(&0),
-    });
-    sent.is_ok() && keep
-}
-
-/// An error decided outside this module (the proxy's 502/503/504): sent with the route's
-/// header changes, recorded, and the connection closed.
-pub async fn finish_error<S: ClientStream>(
-    ctx: &Ctx,
-    conn: &mut Conn<S>,
-    r: Response,
-    route: &RouteEntry,
-    meta: Meta,
-) -> bool {
-    finish(ctx, conn, r, false, Some(&route.security), meta).await
-}
-
-/// The route's `remove_response_headers`, then `add_response_headers` (which replace).
-pub fn apply_route_headers(head: &mut http::ResponseHead, sec: &RouteSecurity) {
-    for name in &sec.remove_response_headers {
-        head.remove(name);
-    }
-    for (name, value) in &sec.add_response_headers {
-        head.set(name, value.clone());
-    }
+    service.exchange(ctx, conn, incoming).await
 }
 
 /// How long a closing connection may keep sending, and may pause, before it is cut.
@@ -422,13 +250,13 @@ const LINGER_IDLE: Duration = Duration::from_secs(2);
 /// Closing at once would make the kernel answer its data with a reset, which can destroy the
 /// response before the client reads it. So, like nginx's lingering close: stop writing, then
 /// read and drop what still comes, for a bounded time.
-async fn linger<S: ClientStream>(conn: &mut Conn<S>) {
+async fn linger<S: ClientStream>(conn: &mut Client<S>) {
     // Over TLS the half-close would need a close_notify first: such a connection just closes.
     let Some(fd) = conn.stream.raw_fd() else {
         return;
     };
-    // SAFETY: a plain shutdown(2) on a socket this connection owns.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // A failed half-close only makes the linger shorter.
+    let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
     let deadline = Instant::now() + LINGER_TOTAL;
     let mut buf = std::mem::take(&mut conn.buf);
     loop {

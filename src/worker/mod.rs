@@ -3,6 +3,9 @@
 //! stop (SIGTERM/SIGINT).
 
 mod conn;
+mod ctx;
+mod dispatch;
+mod exchange;
 mod handlers;
 mod http;
 mod ktls;
@@ -53,6 +56,11 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     // rights, so a config cannot make a worker serve what only root may read.
     let router = router::Router::build(config, start.builtin, start.shm)
         .map_err(|e| format!("cannot build the routes: {e}"))?;
+    let dispatch = Rc::new(dispatch::Dispatch {
+        router,
+        metrics: handlers::metrics::MetricsRoute::new(config, start.shm),
+        backends: Default::default(),
+    });
     shared::log::start_async(&config.logging, log_output)?;
     if !uring {
         log::warn!("io_uring is not available here: using the epoll driver");
@@ -61,10 +69,10 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     }
     log_inactive_keys(config, start.index);
     let signals = signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let ctx = Rc::new(server::Ctx::new(&start, router));
+    let ctx = Rc::new(ctx::Ctx::new(&start));
     let refuse_tls = config.tls.as_ref().map(ktls::decide) == Some(ktls::Mode::Refuse);
     let tls = start.tls.clone().map(|t| (t, refuse_tls));
-    runtime.block_on(server::run(ctx, start.listeners, signals, tls))
+    runtime.block_on(server::run(ctx, dispatch, start.listeners, signals, tls))
 }
 
 type Runtime = monoio::FusionRuntime<

@@ -1,5 +1,6 @@
 //! Request routing: the host table first (`host_routes`, then `path_routes` of that host),
-//! then the longest path prefix in a matchit tree. Built once per generation, in the worker.
+//! then the longest path prefix in a matchit tree. Built once per generation, in the worker,
+//! over the route types that the handlers and the proxy own.
 //!
 //! Host names match case-insensitively with any port removed. A host `"*"` catches requests
 //! whose Host matches no configured host; without it they get 404.
@@ -8,18 +9,14 @@
 //! not `/px`; the part after the prefix (`rest`, starting with `/` or empty) goes to the
 //! handler.
 
-use super::handlers::diskfile::{self, Opened};
-use super::proxy::backend::Target;
+use super::handlers::access::Access;
+use super::handlers::files::FileRoute;
+use super::handlers::redirect::RedirectRoute;
 use super::proxy::upstream::Upstream;
 use super::proxy::ProxyRoute;
-use crate::shared::config::{
-    backend_key, Config, FileMode, MetricsConfig, Route, RouteSecurity, RouteType,
-};
+use crate::shared::config::{Config, Route, RouteSecurity, RouteType};
 use crate::shared::shm::Region;
-use bytes::Bytes;
-use ipnet::IpNet;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 pub struct RouteEntry {
@@ -29,8 +26,7 @@ pub struct RouteEntry {
     pub prefix: String,
     pub handler: Handler,
     pub security: RouteSecurity,
-    pub allowed: Vec<IpNet>,
-    pub denied: Vec<IpNet>,
+    pub access: Access,
 }
 
 pub enum Handler {
@@ -41,30 +37,6 @@ pub enum Handler {
     Welcome,
 }
 
-pub struct FileRoute {
-    pub root: PathBuf,
-    /// `root` with its symlinks resolved: what every file served must lie under.
-    pub root_canon: PathBuf,
-    /// The root directory, opened once (O_PATH), for `openat2(RESOLVE_BENEATH)`.
-    pub root_fd: Option<std::os::fd::OwnedFd>,
-    pub is_dir: bool,
-    pub index: String,
-    /// `mode = "memory"`: files by resolved path, read when the generation starts.
-    pub cache: HashMap<PathBuf, Cached>,
-}
-
-/// A file of a memory route: its bytes and its metadata, both as they were when read.
-pub struct Cached {
-    pub bytes: Bytes,
-    pub meta: std::fs::Metadata,
-}
-
-pub struct RedirectRoute {
-    pub url: String,
-    pub status: u16,
-    pub preserve_path: bool,
-}
-
 enum HostRoutes {
     Whole(Rc<RouteEntry>),
     Paths(matchit::Router<Rc<RouteEntry>>),
@@ -73,27 +45,6 @@ enum HostRoutes {
 pub struct Router {
     hosts: HashMap<String, HostRoutes>,
     wildcard: Option<HostRoutes>,
-    pub metrics: MetricsAccess,
-}
-
-/// `[metrics]`: the metrics endpoint's path, answered before routing on every host, and the
-/// addresses that may read it (empty: all).
-pub struct MetricsAccess {
-    pub path: String,
-    allowed: Vec<IpNet>,
-}
-
-impl MetricsAccess {
-    fn new(m: &MetricsConfig) -> MetricsAccess {
-        MetricsAccess {
-            path: m.path.clone(),
-            allowed: parse_ips(&m.allowed_ips),
-        }
-    }
-
-    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        self.allowed.is_empty() || self.allowed.iter().any(|n| n.contains(&ip))
-    }
 }
 
 pub struct Matched<'a> {
@@ -106,7 +57,7 @@ pub struct Matched<'a> {
 
 impl Router {
     pub fn build(config: &Config, builtin: bool, region: &Region) -> Result<Router, String> {
-        let upstreams = build_upstreams(config, region)?;
+        let upstreams = Upstream::build_all(config, region)?;
         let handler = |route: &Route, name: &str| handler(route, name, &upstreams);
         let mut hosts = HashMap::new();
         let mut wildcard = None;
@@ -157,12 +108,7 @@ impl Router {
             }
             insert(&mut hosts, &mut wildcard, host, HostRoutes::Paths(tree));
         }
-        let metrics = MetricsAccess::new(&config.metrics);
-        Ok(Router {
-            hosts,
-            wildcard,
-            metrics,
-        })
+        Ok(Router { hosts, wildcard })
     }
 
     /// `host` is the Host header's name, already lower-cased and without port.
@@ -205,45 +151,14 @@ fn escape(prefix: &str) -> String {
     prefix.replace('{', "{{").replace('}', "}}")
 }
 
-/// Validation refused every entry that does not parse.
-fn parse_ips(list: &[String]) -> Vec<IpNet> {
-    list.iter()
-        .filter_map(|s| crate::shared::validate::parse_cidr(s))
-        .collect()
-}
-
 fn entry(name: String, prefix: &str, handler: Handler, route: &Route) -> RouteEntry {
     RouteEntry {
+        access: Access::new(&name, &route.security),
         name,
         prefix: prefix.trim_end_matches('/').to_string(),
         handler,
         security: route.security.clone(),
-        allowed: parse_ips(&route.security.allowed_ips),
-        denied: parse_ips(&route.security.denied_ips),
     }
-}
-
-/// Every upstream, its servers resolved, shared by the routes that name it.
-fn build_upstreams(
-    config: &Config,
-    region: &Region,
-) -> Result<HashMap<String, Rc<Upstream>>, String> {
-    let mut out = HashMap::new();
-    for (name, up) in &config.upstreams {
-        let mut servers = Vec::new();
-        for s in &up.servers {
-            let (url, sni) = (s.url(), s.sni_name());
-            let backend = region.header.find_backend(&backend_key(name, url));
-            let target = Target::new(url, sni, up.ca_file.as_deref(), backend)
-                .map_err(|e| format!("upstream `{name}`: {e}"))?;
-            servers.push(Rc::new(target));
-        }
-        out.insert(
-            name.clone(),
-            Rc::new(Upstream::new(name.clone(), up.algorithm, servers)),
-        );
-    }
-    Ok(out)
 }
 
 fn handler(
@@ -252,190 +167,102 @@ fn handler(
     upstreams: &HashMap<String, Rc<Upstream>>,
 ) -> Result<Handler, String> {
     Ok(match route.kind {
-        RouteType::File => {
-            let root = PathBuf::from(route.path.clone().unwrap_or_default());
-            let meta = std::fs::metadata(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-            let mode = route.mode.unwrap_or_default();
-            let cache = if mode == FileMode::Memory {
-                load_memory(&root)?
-            } else {
-                HashMap::new()
-            };
-            let root_canon = root
-                .canonicalize()
-                .map_err(|e| format!("{}: {e}", root.display()))?;
-            let root_fd = if meta.is_dir() {
-                open_dir(&root_canon)
-            } else {
-                None
-            };
-            Handler::File(FileRoute {
-                is_dir: meta.is_dir(),
-                root,
-                root_canon,
-                root_fd,
-                index: route.index.clone().unwrap_or_else(|| "index.html".into()),
-                cache,
-            })
-        }
-        RouteType::Redirect => Handler::Redirect(RedirectRoute {
-            url: route.redirect_url.clone().unwrap_or_default(),
-            status: route.redirect_status.unwrap_or(301),
-            preserve_path: route.preserve_path.unwrap_or(false),
-        }),
-        RouteType::Proxy => {
-            let upstream = match (&route.upstream, &route.url) {
-                (Some(u), _) => upstreams
-                    .get(u)
-                    .cloned()
-                    .ok_or_else(|| format!("upstream `{u}` not found"))?,
-                (None, Some(url)) => {
-                    let target = Target::new(
-                        url,
-                        route.sni_name.as_deref(),
-                        route.ca_file.as_deref(),
-                        None,
-                    )?;
-                    let algorithm = crate::shared::config::Algorithm::RoundRobin;
-                    Rc::new(Upstream::new(
-                        name.to_string(),
-                        algorithm,
-                        vec![Rc::new(target)],
-                    ))
-                }
-                (None, None) => {
-                    return Err(format!("{name}: a Proxy route needs `url` or `upstream`"))
-                }
-            };
-            Handler::Proxy(ProxyRoute { upstream })
-        }
+        RouteType::File => Handler::File(FileRoute::new(route)?),
+        RouteType::Redirect => Handler::Redirect(RedirectRoute::new(route)),
+        RouteType::Proxy => Handler::Proxy(ProxyRoute::new(route, name, upstreams)?),
     })
-}
-
-/// Total bytes one `memory` directory route may hold; files past it are served from disk.
-const MEMORY_ROUTE_MAX: u64 = 256 * 1024 * 1024;
-
-/// Reads a `memory` route's file, or every file under its directory, keyed by resolved path.
-/// Only the root itself must load: an entry below it that vanished, may not be read or is not
-/// a regular file is left out (with a warning) and served from disk like a new file, where
-/// such a file gets its 403 or 404.
-fn load_memory(root: &Path) -> Result<HashMap<PathBuf, Cached>, String> {
-    let mut cache = HashMap::new();
-    let mut total = 0u64;
-    let root = root
-        .canonicalize()
-        .map_err(|e| format!("{}: {e}", root.display()))?;
-    let mut pending = vec![root.clone()];
-    let mut seen = std::collections::HashSet::new();
-    while let Some(path) = pending.pop() {
-        // Only what the route can serve (under its root), each once: symlink loops end here.
-        if !path.starts_with(&root) || !seen.insert(path.clone()) {
-            continue;
-        }
-        let is_root = path == root;
-        let failed = |why: String| {
-            let msg = format!("{}: {why}", path.display());
-            if is_root {
-                return Err(msg);
-            }
-            log::warn!("{msg}; not held in memory");
-            Ok(())
-        };
-        let opened = match diskfile::open(&path) {
-            Ok(opened) => opened,
-            Err(e) => {
-                failed(e.to_string())?;
-                continue;
-            }
-        };
-        match opened {
-            Opened::Dir => match std::fs::read_dir(&path) {
-                Ok(entries) => pending.extend(
-                    entries
-                        .flatten()
-                        .filter_map(|entry| entry.path().canonicalize().ok()),
-                ),
-                Err(e) => failed(e.to_string())?,
-            },
-            Opened::Special => failed("not a regular file or directory".into())?,
-            Opened::File(file, meta) => {
-                // A single-file route holds its file whatever its size: that is what it asks for.
-                if !is_root && total + meta.len() > MEMORY_ROUTE_MAX {
-                    log::warn!(
-                        "{}: memory route over {} MiB; served from disk",
-                        path.display(),
-                        MEMORY_ROUTE_MAX >> 20
-                    );
-                    continue;
-                }
-                match read_cached(file, meta) {
-                    Ok(cached) => {
-                        total += cached.bytes.len() as u64;
-                        cache.insert(path, cached);
-                    }
-                    Err(e) => failed(e.to_string())?,
-                }
-            }
-        }
-    }
-    Ok(cache)
-}
-
-/// Reads at most the `meta.len()` bytes that the memory budget admitted: a file that grows
-/// while read is held as its first `len` bytes, one that shrinks as what was there. Handlers
-/// take the length from the bytes, so what is served is always self-consistent.
-fn read_cached(file: std::fs::File, meta: std::fs::Metadata) -> std::io::Result<Cached> {
-    use std::io::Read;
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    let mut file = file.take(meta.len());
-    file.read_to_end(&mut data)?;
-    // The validators then name the version read (a change during the read moves mtime).
-    let meta = file.get_ref().metadata().unwrap_or(meta);
-    Ok(Cached {
-        bytes: Bytes::from(data),
-        meta,
-    })
-}
-
-/// An O_PATH descriptor of a route's root directory.
-fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::collections::BTreeMap;
 
-    fn stat_then_change(before: &[u8], after: &[u8]) -> Cached {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("f");
-        std::fs::write(&path, before).unwrap();
-        let Ok(Opened::File(file, meta)) = diskfile::open(&path) else {
-            panic!("a regular file");
-        };
-        let mut w = std::fs::File::create(&path).unwrap();
-        w.write_all(after).unwrap();
-        read_cached(file, meta).unwrap()
+    fn region() -> &'static Region {
+        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
+        SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"))
+            .region()
+    }
+
+    fn redirect(to: &str) -> Route {
+        Route {
+            kind: RouteType::Redirect,
+            redirect_url: Some(to.into()),
+            ..Route::default()
+        }
+    }
+
+    fn name_of(router: &Router, host: &str, path: &str) -> Option<String> {
+        router.route(host, path).map(|m| m.route.name.clone())
     }
 
     #[test]
-    fn a_file_that_changes_between_stat_and_read_is_held_as_read() {
-        // Shrunk: what is there; grown: no more than was stat'ed (the budget counted that).
-        assert_eq!(&stat_then_change(b"0123456789", b"abc").bytes[..], b"abc");
-        assert_eq!(&stat_then_change(b"0123", b"abcdefghij").bytes[..], b"abcd");
-        // The validators describe the version read.
-        let c = stat_then_change(b"0123456789", b"abc");
-        assert_eq!(c.meta.len(), 3);
+    fn hosts_match_exactly_then_the_wildcard_takes_the_rest() {
+        let mut config = Config::default();
+        config
+            .host_routes
+            .insert("A.test".into(), redirect("https://a/"));
+        config
+            .host_routes
+            .insert("*".into(), redirect("https://any/"));
+        let paths = BTreeMap::from([("/api".to_string(), redirect("https://api/"))]);
+        config.path_routes.insert("b.test".into(), paths);
+        let router = Router::build(&config, false, region()).unwrap();
+        assert_eq!(
+            name_of(&router, "a.test", "/x").as_deref(),
+            Some("host_routes.A.test")
+        );
+        assert_eq!(
+            name_of(&router, "c.test", "/").as_deref(),
+            Some("host_routes.*")
+        );
+        assert_eq!(
+            name_of(&router, "b.test", "/api/v1").as_deref(),
+            Some("path_routes.b.test./api")
+        );
+        assert_eq!(
+            name_of(&router, "b.test", "/apix"),
+            None,
+            "no route of b.test"
+        );
+        let m = router.route("b.test", "/api").unwrap();
+        assert!(m.exact);
+        assert_eq!(m.rest, "");
+    }
+
+    #[test]
+    fn a_host_route_shadows_path_routes_of_the_same_host() {
+        let mut config = Config::default();
+        config
+            .host_routes
+            .insert("a.test".into(), redirect("https://a/"));
+        let paths = BTreeMap::from([("/p".to_string(), redirect("https://p/"))]);
+        config.path_routes.insert("a.test".into(), paths);
+        let router = Router::build(&config, false, region()).unwrap();
+        assert_eq!(
+            name_of(&router, "a.test", "/p").as_deref(),
+            Some("host_routes.a.test")
+        );
+    }
+
+    #[test]
+    fn the_builtin_config_welcomes_every_host() {
+        let router = Router::build(&Config::default(), true, region()).unwrap();
+        let m = router.route("whatever.test", "/").unwrap();
+        assert!(matches!(m.route.handler, Handler::Welcome));
+    }
+
+    #[test]
+    fn a_proxy_route_to_an_unknown_upstream_is_an_error() {
+        let mut config = Config::default();
+        let route = Route {
+            kind: RouteType::Proxy,
+            upstream: Some("nowhere".into()),
+            ..Route::default()
+        };
+        config.host_routes.insert("a.test".into(), route);
+        let err = Router::build(&config, false, region()).err().unwrap();
+        assert!(err.contains("nowhere"), "{err}");
     }
 }
 
@@ -444,7 +271,6 @@ mod tests {
 #[cfg(test)]
 mod props {
     use super::*;
-    use crate::shared::config::Route;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

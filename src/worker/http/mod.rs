@@ -3,6 +3,7 @@
 pub mod body;
 pub mod chunked;
 pub mod client;
+pub mod date;
 pub mod respond;
 
 use std::fmt::Write as _;
@@ -307,17 +308,32 @@ fn hex_digit(b: u8) -> Result<u8, ()> {
     (b as char).to_digit(16).map(|d| d as u8).ok_or(())
 }
 
-/// Percent-encodes what may not stand in a URL path as it is (for Location headers).
+/// What stays as it is in a URL path: unreserved characters, sub-delims, `:`, `@` and `/`
+/// (RFC 3986 §3.3); everything else is percent-encoded.
+const PATH_KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b':')
+    .remove(b'@');
+
+/// Percent-encodes what may not stand in a URL path as it is (Location headers, backend
+/// request targets).
 pub fn encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for b in path.bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(path, PATH_KEEP).to_string()
 }
 
 fn strip_port(host: &str) -> &str {
@@ -443,26 +459,7 @@ fn date_now() -> Vec<u8> {
 
 /// `Sun, 06 Nov 1994 08:49:37 GMT` (IMF-fixdate).
 pub fn http_date(t: std::time::SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let (y, m, d) = crate::shared::log::civil_from_days(days);
-    let rem = secs % 86_400;
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
-        DAYS[(days % 7) as usize],
-        d,
-        MONTHS[m as usize - 1],
-        y,
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    date::format(t)
 }
 
 #[cfg(test)]

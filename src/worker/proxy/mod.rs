@@ -14,26 +14,114 @@ pub mod relay;
 pub mod tunnel;
 pub mod upstream;
 
-use super::http::body::BodyReader;
-use super::conn::{Conn, Meta};
+use super::ctx::Ctx;
+use super::exchange::{self, Client, Exchange, Incoming, Meta};
+use super::http::body::{BodyError, BodyReader};
+use super::http::client::ClientStream;
+use super::http::respond;
 use super::http::{self, Framing, Request};
-use super::recorder::Outcome;
-use super::http::respond::{self, Response};
-use super::router::{Matched, RouteEntry};
-use super::server::Ctx;
 use super::timed::{self, Limit};
-use crate::shared::config::RouteSecurity;
-use crate::worker::http::client::ClientStream;
-use backend::{BackendConn, ConnectError, Target};
+use crate::shared::config::{Route, RouteSecurity};
+use backend::{BackendConn, ConnectError, Pool, Target};
 use monoio::io::AsyncWriteRentExt;
+use relay::{BackendResponse, HeadError};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
+use tunnel::Tunnel;
 use upstream::Upstream;
 
 pub struct ProxyRoute {
     pub upstream: Rc<Upstream>,
+}
+
+impl ProxyRoute {
+    /// `name`: the route's key, the name of the upstream a single `url` makes.
+    pub fn new(
+        route: &Route,
+        name: &str,
+        upstreams: &HashMap<String, Rc<Upstream>>,
+    ) -> Result<ProxyRoute, String> {
+        let upstream = match (&route.upstream, &route.url) {
+            (Some(u), _) => upstreams
+                .get(u)
+                .cloned()
+                .ok_or_else(|| format!("upstream `{u}` not found"))?,
+            (None, Some(url)) => {
+                let target = Target::new(
+                    url,
+                    route.sni_name.as_deref(),
+                    route.ca_file.as_deref(),
+                    None,
+                )?;
+                let algorithm = crate::shared::config::Algorithm::RoundRobin;
+                let servers = vec![Rc::new(target)];
+                Rc::new(Upstream::new(name.to_string(), algorithm, servers))
+            }
+            (None, None) => return Err(format!("{name}: a Proxy route needs `url` or `upstream`")),
+        };
+        Ok(ProxyRoute { upstream })
+    }
+}
+
+/// Why a proxied exchange failed, by whose side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The client's request body was malformed, too large or too slow.
+    Client(BodyError),
+    /// No server of the upstream is healthy.
+    NoServer,
+    /// The backend refused or closed the connection, or answered what cannot be relayed.
+    Backend,
+    /// The backend did not connect, take the request or answer within its timeout.
+    Timeout,
+}
+
+impl Failure {
+    /// What the client is answered; `None`: it is gone, nothing to answer.
+    pub fn status(self) -> Option<u16> {
+        match self {
+            Failure::Client(e) => e.status(),
+            Failure::NoServer => Some(503),
+            Failure::Backend => Some(502),
+            Failure::Timeout => Some(504),
+        }
+    }
+}
+
+/// What the backend request is made of.
+#[derive(Clone, Copy)]
+struct Proxied<'a> {
+    req: &'a Request,
+    /// The path after the route's prefix.
+    rest: &'a str,
+    sec: &'a RouteSecurity,
+    framing: Framing,
+    client_ip: IpAddr,
+    /// A WebSocket upgrade: a fresh connection, never pooled after.
+    upgrade: bool,
+}
+
+impl Proxied<'_> {
+    /// A request that can be sent again when a connection dies before any response byte.
+    fn idempotent(&self) -> bool {
+        self.framing == Framing::None
+            && matches!(
+                self.req.method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            )
+    }
+}
+
+/// The backend's response head, and the connection it came on.
+struct Answered<'a> {
+    target: Rc<Target>,
+    bconn: BackendConn,
+    _active: Active<'a>,
+    request_bytes: u64,
+    response: BackendResponse,
 }
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1): never forwarded, in either direction.
@@ -108,65 +196,125 @@ impl Drop for Active<'_> {
     }
 }
 
-/// Proxies one request. Returns whether the client connection may carry another.
-#[allow(clippy::too_many_arguments)]
+/// Proxies one request: `rest` is the path after the route's prefix, `sec` the route's
+/// security table.
 pub async fn forward<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn<S>,
-    req: &Request,
-    m: &Matched<'_>,
+    pool: &Pool,
+    client: &mut Client<S>,
+    incoming: Incoming,
     route: &ProxyRoute,
-    framing: Framing,
-    keep: bool,
-    meta: Meta,
-) -> bool {
-    let sec = &m.route.security;
-    let client_ip = conn.client_ip();
-    let candidates = route.upstream.candidates(ctx.region, client_ip);
+    rest: &str,
+    sec: &RouteSecurity,
+) -> Exchange<Tunnel> {
+    let Incoming {
+        req,
+        framing,
+        keep,
+        mut meta,
+        ..
+    } = incoming;
+    let p = Proxied {
+        req: &req,
+        rest,
+        sec,
+        framing,
+        client_ip: client.ip(),
+        upgrade: is_websocket(&req),
+    };
+    let answered = match send(ctx, pool, client, route, &p).await {
+        Ok(a) => a,
+        Err(f) => return failed(ctx, client, f, sec, meta).await,
+    };
+    let Answered {
+        target,
+        mut bconn,
+        _active,
+        request_bytes,
+        response,
+    } = answered;
+    meta.request_bytes = request_bytes;
+    if p.upgrade && response.status == 101 {
+        let switched = tunnel::switch(client, sec, &response).await.is_ok();
+        meta.record(ctx, 101, 0);
+        if !switched {
+            return Exchange::Close;
+        }
+        return Exchange::Tunnel(Tunnel {
+            backend_index: target.backend,
+            backend: bconn,
+            early: response.rest,
+            idle: Duration::from_secs(sec.websocket_idle_timeout_secs),
+        });
+    }
+    if response.status == 101 {
+        return failed(ctx, client, Failure::Backend, sec, meta).await;
+    }
+    let relayed = relay::relay(ctx, client, req_view(&p, keep), &mut bconn, response).await;
+    let outcome = match relayed {
+        Ok(o) => o,
+        Err(f) => return failed(ctx, client, f, sec, meta).await,
+    };
+    meta.record(ctx, outcome.status, outcome.response_bytes);
+    if outcome.backend_reusable && !p.upgrade {
+        let idle = Duration::from_secs(sec.idle_connection_timeout_secs);
+        pool.put(&target, bconn, sec.max_idle_connections_per_host, idle);
+    }
+    Exchange::keep_if(outcome.client_keep)
+}
+
+fn req_view<'a>(p: &Proxied<'a>, keep: bool) -> relay::ClientSide<'a> {
+    relay::ClientSide {
+        req: p.req,
+        sec: p.sec,
+        keep,
+    }
+}
+
+/// Connects (failing over on refusal or timeout), sends, and reads the response head. A
+/// request that can be replayed and got no response byte is sent again: once on a fresh
+/// connection to the same server if the dead one came from the pool, else to the next
+/// candidate.
+async fn send<'c, S: ClientStream>(
+    ctx: &'c Ctx,
+    pool: &Pool,
+    client: &mut Client<S>,
+    route: &ProxyRoute,
+    p: &Proxied<'_>,
+) -> Result<Answered<'c>, Failure> {
+    let candidates = route.upstream.candidates(ctx.region, p.client_ip);
     if candidates.is_empty() {
         log::warn!("upstream `{}`: no healthy server", route.upstream.name);
-        return fail(ctx, conn, m.route, 503, meta).await;
+        return Err(Failure::NoServer);
     }
-    let upgrade = is_websocket(req);
-    let connect_timeout = Duration::from_secs(sec.backend_connect_timeout_secs);
-    let idempotent = framing == Framing::None
-        && matches!(
-            req.method.as_str(),
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        );
-
-    // Connect (failing over on refusal or timeout), send, read the response head. A request
-    // that can be replayed and got no response byte is sent again: once on a fresh connection
-    // to the same server if the dead one came from the pool, else to the next candidate.
+    let connect_timeout = Duration::from_secs(p.sec.backend_connect_timeout_secs);
     let mut from = 0;
-    let mut pooled = !upgrade;
+    let mut pooled = !p.upgrade;
     let mut retried_same = false;
-    let (target, mut bconn, _active, request_bytes, response) = 'attempts: loop {
+    loop {
         let (target, mut bconn) =
-            match acquire(ctx, &candidates[from..], connect_timeout, pooled).await {
-                Ok(pair) => pair,
-                Err(status) => return fail(ctx, conn, m.route, status, meta).await,
-            };
+            acquire(ctx, pool, &candidates[from..], connect_timeout, pooled).await?;
         let active = Active::new(ctx, &target);
-        let head = request_head(req, &target, &m.rest, m.route, client_ip, framing, upgrade);
+        let head = request_head(p, &target);
         loop {
-            backend_deadlines(&bconn, sec);
-            let sent = match send_request(ctx, conn, req, &mut bconn, &head, framing, sec).await {
-                Ok(n) => Ok(n),
-                Err(SendError::Client(status)) => {
-                    return fail(ctx, conn, m.route, status, meta).await
-                }
-                Err(SendError::ClientGone) => return false,
-                Err(SendError::Backend) => Err(relay::HeadError::Stale),
-                Err(SendError::BackendTimeout) => Err(relay::HeadError::Timeout),
-            };
-            let result = match sent {
+            backend_deadlines(&bconn, p.sec);
+            let result = match send_request(ctx, client, &mut bconn, &head, p).await {
                 Ok(n) => relay::read_head(&mut bconn).await.map(|r| (n, r)),
-                Err(e) => Err(e),
+                Err(Failure::Backend) => Err(HeadError::Stale),
+                Err(Failure::Timeout) => Err(HeadError::Timeout),
+                Err(f) => return Err(f),
             };
             match result {
-                Ok((n, r)) => break 'attempts (target, bconn, active, n, r),
-                Err(relay::HeadError::Stale) if idempotent => {
+                Ok((request_bytes, response)) => {
+                    return Ok(Answered {
+                        target,
+                        bconn,
+                        _active: active,
+                        request_bytes,
+                        response,
+                    })
+                }
+                Err(HeadError::Stale) if p.idempotent() => {
                     if bconn.reused && !retried_same {
                         retried_same = true;
                         if let Ok(fresh) = backend::connect(&target, connect_timeout).await {
@@ -185,64 +333,15 @@ pub async fn forward<S: ClientStream>(
                     from = at + 1;
                     pooled = false;
                     if from >= candidates.len() {
-                        return fail(ctx, conn, m.route, 502, meta).await;
+                        return Err(Failure::Backend);
                     }
-                    continue 'attempts;
+                    break;
                 }
-                Err(relay::HeadError::Timeout) => return fail(ctx, conn, m.route, 504, meta).await,
-                Err(_) => return fail(ctx, conn, m.route, 502, meta).await,
+                Err(HeadError::Timeout) => return Err(Failure::Timeout),
+                Err(_) => return Err(Failure::Backend),
             }
         }
-    };
-    if upgrade && response.status == 101 {
-        let switched = tunnel::switch(conn, m.route, &response).await.is_ok();
-        record(ctx, &meta, 101, request_bytes, 0);
-        if switched {
-            // `serve` takes the client connection over for the tunnel.
-            let parts = tunnel::TunnelParts {
-                backend_index: target.backend,
-                backend: bconn,
-                response,
-            };
-            let idle = Duration::from_secs(sec.websocket_idle_timeout_secs);
-            conn.tunnel = Some((parts, idle));
-        }
-        return false;
     }
-    if response.status == 101 {
-        return fail(ctx, conn, m.route, 502, meta).await;
-    }
-    let outcome = match relay::relay(
-        ctx,
-        conn,
-        req,
-        m.route,
-        &mut bconn,
-        response,
-        keep,
-        request_bytes,
-    )
-    .await
-    {
-        Ok(o) => o,
-        Err(status) => return fail(ctx, conn, m.route, status, meta).await,
-    };
-    record(
-        ctx,
-        &meta,
-        outcome.status,
-        outcome.request_bytes,
-        outcome.response_bytes,
-    );
-    if outcome.backend_reusable && !upgrade {
-        ctx.backends.put(
-            &target,
-            bconn,
-            sec.max_idle_connections_per_host,
-            Duration::from_secs(sec.idle_connection_timeout_secs),
-        );
-    }
-    outcome.client_keep
 }
 
 /// The route's `backend_read_timeout_secs` and `backend_send_timeout_secs`, between two
@@ -254,30 +353,20 @@ fn backend_deadlines(bconn: &BackendConn, sec: &RouteSecurity) {
     bconn.limits.set_write(each(sec.backend_send_timeout_secs));
 }
 
-fn record(ctx: &Ctx, meta: &Meta, status: u16, request_bytes: u64, response_bytes: u64) {
-    ctx.recorder.record(&Outcome {
-        method: &meta.method,
-        host: &meta.host,
-        status,
-        duration: meta.started.elapsed(),
-        request_bytes,
-        response_bytes,
-    });
-}
-
 /// A connection to the first candidate that accepts one: an idle pooled connection if there
-/// is one (and `pooled`), else a new one. `Err`: every candidate failed: 504 if the last
-/// attempt timed out, else 502.
+/// is one (and `pooled`), else a new one. `Err`: every candidate failed, by timeout if the
+/// last one did.
 async fn acquire(
     ctx: &Ctx,
+    pool: &Pool,
     candidates: &[Rc<Target>],
     timeout: Duration,
     pooled: bool,
-) -> Result<(Rc<Target>, BackendConn), u16> {
-    let mut status = 502;
+) -> Result<(Rc<Target>, BackendConn), Failure> {
+    let mut failure = Failure::Backend;
     for target in candidates {
         if pooled {
-            if let Some(c) = ctx.backends.take(target) {
+            if let Some(c) = pool.take(target) {
                 return Ok((target.clone(), c));
             }
         }
@@ -287,67 +376,57 @@ async fn acquire(
                 if let Some(i) = target.backend {
                     ctx.region.header.backends[i].failures.fetch_add(1, Relaxed);
                 }
-                status = if matches!(e, ConnectError::Timeout) {
-                    504
-                } else {
-                    502
+                failure = match e {
+                    ConnectError::Timeout => Failure::Timeout,
+                    ConnectError::Failed(_) => Failure::Backend,
                 };
                 log::warn!("backend {}: connect failed: {e}", target.label());
             }
         }
     }
-    Err(status)
+    Err(failure)
 }
 
-enum SendError {
-    /// The client's body was bad (400/413) or too slow (408).
-    Client(u16),
-    ClientGone,
-    Backend,
-    /// The backend took no bytes within `backend_send_timeout_secs`.
-    BackendTimeout,
-}
-
-fn backend_error(e: &std::io::Error) -> SendError {
+fn backend_error(e: &std::io::Error) -> Failure {
     if timed::is_timeout(e) {
-        SendError::BackendTimeout
+        Failure::Timeout
     } else {
-        SendError::Backend
+        Failure::Backend
     }
 }
 
-/// Sends the head and streams the body; returns the body bytes sent.
+/// Sends the head and streams the body; returns the body bytes sent. `Failure::Backend` and
+/// `Failure::Timeout` are the backend's; a client that went away is `Client(Closed)`.
 async fn send_request<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn<S>,
-    req: &Request,
+    client: &mut Client<S>,
     bconn: &mut BackendConn,
     head: &[u8],
-    framing: Framing,
-    sec: &RouteSecurity,
-) -> Result<u64, SendError> {
+    p: &Proxied<'_>,
+) -> Result<u64, Failure> {
     let (res, _) = bconn.stream.write_all(head.to_vec()).await;
     res.map_err(|e| backend_error(&e))?;
+    let framing = p.framing;
     if framing == Framing::None {
         return Ok(0);
     }
-    if req.expects_continue() && respond::send_continue(&mut conn.stream).await.is_err() {
-        return Err(SendError::ClientGone);
+    if p.req.expects_continue() && respond::send_continue(&mut client.stream).await.is_err() {
+        return Err(Failure::Client(BodyError::Closed));
     }
-    conn.limits.set_read(Limit::Each(Duration::from_secs(
-        sec.client_body_timeout_secs,
+    client.limits.set_read(Limit::Each(Duration::from_secs(
+        p.sec.client_body_timeout_secs,
     )));
-    let mut reader = BodyReader::new(framing, sec.max_chunked_body_size);
+    let mut reader = BodyReader::new(framing, p.sec.max_chunked_body_size);
     let mut piece = ctx.take_buf();
     let mut sent = 0u64;
     let result = loop {
         match reader
-            .next(&mut conn.stream, &mut conn.buf, &mut piece)
+            .next(&mut client.stream, &mut client.buf, &mut piece)
             .await
         {
             Ok(true) => sent += piece.len() as u64,
             Ok(false) => break Ok(()),
-            Err(e) => break Err(e.status().map_or(SendError::ClientGone, SendError::Client)),
+            Err(e) => break Err(Failure::Client(e)),
         }
         let out = if framing == Framing::Chunked {
             chunk(&piece)
@@ -382,17 +461,16 @@ pub fn chunk(data: &[u8]) -> Vec<u8> {
 
 /// The request head as the backend gets it. Header values go as they came: obs-text bytes
 /// (0x80–0xFF) are not re-encoded.
-fn request_head(
-    req: &Request,
-    target: &Target,
-    rest: &str,
-    route: &RouteEntry,
-    client_ip: IpAddr,
-    framing: Framing,
-    upgrade: bool,
-) -> Vec<u8> {
+fn request_head(p: &Proxied, target: &Target) -> Vec<u8> {
     use std::io::Write;
-    let sec = &route.security;
+    let Proxied {
+        req,
+        rest,
+        sec,
+        framing,
+        client_ip,
+        upgrade,
+    } = *p;
     let base = &target.url.path;
     let path = if rest.is_empty() {
         base.clone()
@@ -457,13 +535,17 @@ fn request_head(
     out
 }
 
-/// An error answered by the proxy itself (502, 503, 504, or the client's 4xx).
-async fn fail<S: ClientStream>(
+/// An error answered by the proxy itself (502, 503, 504, or the client's 4xx), with the
+/// route's header changes; the connection closes.
+async fn failed<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn<S>,
-    route: &RouteEntry,
-    status: u16,
+    client: &mut Client<S>,
+    f: Failure,
+    sec: &RouteSecurity,
     meta: Meta,
-) -> bool {
-    super::conn::finish_error(ctx, conn, Response::error(status), route, meta).await
+) -> Exchange<Tunnel> {
+    match f.status() {
+        Some(status) => exchange::fail(ctx, client, status, Some(sec), meta).await,
+        None => Exchange::Close,
+    }
 }

@@ -4,13 +4,13 @@
 //! HTTP/1.1 client); an HTTP/1.0 client gets it close-delimited.
 
 use super::backend::BackendConn;
-use super::{chunk, connection_tokens, is_hop_by_hop};
+use super::{chunk, connection_tokens, is_hop_by_hop, Failure};
+use crate::shared::config::RouteSecurity;
+use crate::worker::ctx::Ctx;
+use crate::worker::exchange::{apply_route_headers, Client};
 use crate::worker::http::body::BodyReader;
 use crate::worker::http::client::ClientStream;
-use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::{Framing, Request, ResponseHead};
-use crate::worker::router::RouteEntry;
-use crate::worker::server::Ctx;
 use crate::worker::timed;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
@@ -127,7 +127,6 @@ enum BodyKind {
 
 pub struct RelayOutcome {
     pub status: u16,
-    pub request_bytes: u64,
     pub response_bytes: u64,
     pub backend_reusable: bool,
     pub client_keep: bool,
@@ -163,29 +162,34 @@ fn body_kind(req: &Request, r: &BackendResponse) -> Result<BodyKind, ()> {
     Ok(length.map_or(BodyKind::Close, BodyKind::Length))
 }
 
-/// Sends the response head and body to the client. `Err(502)`: the backend's framing is
-/// unusable, and nothing was sent yet.
-#[allow(clippy::too_many_arguments)]
+/// The client's side of the exchange, as the relay needs it.
+pub struct ClientSide<'a> {
+    pub req: &'a Request,
+    /// The route's security table: its response header changes.
+    pub sec: &'a RouteSecurity,
+    /// The client connection may be kept after this response.
+    pub keep: bool,
+}
+
+/// Sends the response head and body to the client. `Err(Failure::Backend)`: the backend's
+/// framing is unusable, and nothing was sent yet.
 pub async fn relay<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn<S>,
-    req: &Request,
-    route: &RouteEntry,
+    conn: &mut Client<S>,
+    side: ClientSide<'_>,
     bconn: &mut BackendConn,
     mut r: BackendResponse,
-    keep: bool,
-    request_bytes: u64,
-) -> Result<RelayOutcome, u16> {
+) -> Result<RelayOutcome, Failure> {
+    let ClientSide { req, sec, keep } = side;
     let mut outcome = RelayOutcome {
         status: r.status,
-        request_bytes,
         response_bytes: 0,
         backend_reusable: false,
         client_keep: false,
     };
     let Ok(kind) = body_kind(req, &r) else {
         log::warn!("backend response with unusable framing: 502");
-        return Err(502);
+        return Err(Failure::Backend);
     };
     // RFC 9112 §6.3: both framings at once may be an attempt at smuggling. The body is read
     // as chunked (Transfer-Encoding wins); the connection is not trusted for another request.
@@ -226,7 +230,7 @@ pub async fn relay<S: ClientStream>(
         _ if rechunk => head.set("Transfer-Encoding", "chunked"),
         _ => {}
     }
-    apply_route_headers(&mut head, &route.security);
+    apply_route_headers(&mut head, sec);
     if !client_keep {
         head.set("Connection", "close");
     } else if req.version == 0 {
@@ -254,7 +258,7 @@ pub async fn relay<S: ClientStream>(
 /// connection is closed without completing the body, so the client sees it cut short.
 async fn copy_body<S: ClientStream>(
     ctx: &Ctx,
-    conn: &mut Conn<S>,
+    conn: &mut Client<S>,
     bconn: &mut BackendConn,
     rest: &mut Vec<u8>,
     kind: BodyKind,

@@ -6,12 +6,12 @@
 
 use super::backend::{BackendConn, BackendStream};
 use super::relay::BackendResponse;
+use crate::shared::config::RouteSecurity;
+use crate::worker::ctx::Ctx;
+use crate::worker::exchange::{apply_route_headers, Client};
 use crate::worker::http::client::ClientStream;
-use crate::worker::conn::{apply_route_headers, Conn};
 use crate::worker::http::ResponseHead;
-use crate::worker::router::RouteEntry;
-use crate::worker::server::Ctx;
-use crate::worker::timed::{Deadlines, Limit};
+use crate::worker::timed::Limit;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use std::cell::Cell;
@@ -20,19 +20,22 @@ use std::time::{Duration, Instant};
 const TUNNEL_BUF: usize = 16 * 1024;
 
 /// What the tunnel needs once the exchange that set it up has ended.
-pub struct TunnelParts {
+pub struct Tunnel {
     /// The server's entry in the shared backend table: a tunnel counts towards `least_conn`
     /// for as long as it is open.
     pub backend_index: Option<usize>,
     pub backend: BackendConn,
-    pub response: BackendResponse,
+    /// Bytes the backend sent after its 101 head.
+    pub early: Vec<u8>,
+    /// The tunnel closes once no byte has crossed for this long.
+    pub idle: Duration,
 }
 
 /// Sends the 101 head to the client. The tunnel itself runs from `run`, which takes the
 /// client connection over.
 pub async fn switch<S: ClientStream>(
-    conn: &mut Conn<S>,
-    route: &RouteEntry,
+    conn: &mut Client<S>,
+    sec: &RouteSecurity,
     response: &BackendResponse,
 ) -> std::io::Result<()> {
     let mut head = ResponseHead::new(101);
@@ -47,7 +50,7 @@ pub async fn switch<S: ClientStream>(
         head.headers.push((name.clone(), value.clone()));
     }
     let mut head = head.with_defaults();
-    apply_route_headers(&mut head, &route.security);
+    apply_route_headers(&mut head, sec);
     let (res, _) = conn.stream.write_all(head.encode()).await;
     res.map(|_| ())
 }
@@ -58,23 +61,17 @@ pub async fn switch<S: ClientStream>(
 /// the tunnel. Reads have none of their own: a quiet direction is normal while the other
 /// one talks. Bytes that already arrived with the 101 (from the backend) or after the
 /// upgrade request (from the client) go first.
-pub async fn run<S: ClientStream>(
-    ctx: &Ctx,
-    client: S,
-    client_limits: &Deadlines,
-    client_early: Vec<u8>,
-    parts: TunnelParts,
-    idle: Duration,
-) {
-    let TunnelParts {
+pub async fn run<S: ClientStream>(ctx: &Ctx, client: Client<S>, tunnel: Tunnel) {
+    let Tunnel {
         backend_index,
         backend,
-        response,
-    } = parts;
+        early: backend_early,
+        idle,
+    } = tunnel;
     let _active = super::Active::of(ctx, backend_index);
-    client_limits.set_read(Limit::None);
+    client.limits.set_read(Limit::None);
     backend.limits.set_read(Limit::None);
-    let backend_early = response.rest;
+    let (client, client_early) = (client.stream, client.buf);
     let last = Cell::new(Instant::now());
     let ends = Ends {
         ctx,

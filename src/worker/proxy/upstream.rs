@@ -5,9 +5,10 @@
 //! candidates a request fails over through.
 
 use super::backend::{Target, Targets};
-use crate::shared::config::Algorithm;
+use crate::shared::config::{backend_key, Algorithm, Config};
 use crate::shared::shm::Region;
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,6 +28,28 @@ impl Upstream {
             servers,
             next: Cell::new(0),
         }
+    }
+
+    /// Every upstream of the config, its servers resolved, to be shared by the routes that
+    /// name it.
+    pub fn build_all(
+        config: &Config,
+        region: &Region,
+    ) -> Result<HashMap<String, Rc<Upstream>>, String> {
+        let mut out = HashMap::new();
+        for (name, up) in &config.upstreams {
+            let mut servers = Vec::new();
+            for s in &up.servers {
+                let (url, sni) = (s.url(), s.sni_name());
+                let backend = region.header.find_backend(&backend_key(name, url));
+                let target = Target::new(url, sni, up.ca_file.as_deref(), backend)
+                    .map_err(|e| format!("upstream `{name}`: {e}"))?;
+                servers.push(Rc::new(target));
+            }
+            let upstream = Upstream::new(name.clone(), up.algorithm, servers);
+            out.insert(name.clone(), Rc::new(upstream));
+        }
+        Ok(out)
     }
 
     /// The healthy servers in the order to try them; empty when none is healthy.
@@ -61,7 +84,7 @@ impl Upstream {
 }
 
 /// Stable across processes and restarts. `client` is already normalized (IPv4-mapped
-/// addresses as IPv4, `Conn::client_ip`).
+/// addresses as IPv4, `Client::ip`).
 fn hash_ip(ip: IpAddr) -> u64 {
     crate::shared::fnv1a(crate::shared::ip_octets(ip))
 }

@@ -1,0 +1,195 @@
+//! Per-worker state that every connection task shares: the shared-memory slot, the metrics
+//! recorder, the buffer pool, the drain signal and the connection-level limits. It knows
+//! nothing of routes, handlers or the proxy: those live above it and take it as an argument.
+
+use super::recorder::Recorder;
+use super::timed::{Deadlines, Limit};
+use crate::shared::config::{Config, RouteSecurity};
+use crate::shared::shm::{Region, Slot, STATE_DRAINING};
+use crate::shared::WorkerStart;
+use monoio::io::{CancelHandle, Canceller};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Release;
+use std::time::{Duration, Instant};
+
+pub struct Ctx {
+    pub region: &'static Region,
+    pub slot: &'static Slot,
+    pub recorder: Recorder,
+    pub draining: Cell<bool>,
+    /// Cancels the pending accepts when draining starts.
+    canceller: RefCell<Canceller>,
+    pub connections: Cell<usize>,
+    /// The largest request head any route accepts: heads are read up to this size.
+    pub max_head: usize,
+    /// How long a kept-alive connection may wait for its next request.
+    pub keepalive: Duration,
+    /// How long a drain may take before the worker exits with connections still open.
+    pub shutdown_timeout: Duration,
+    /// The security defaults, for what happens before a route is known.
+    pub default_security: RouteSecurity,
+    /// `security.max_concurrent_connections` (0: no limit), over all workers.
+    pub max_connections: i64,
+    /// When the last over-limit refusal was logged (one line a second at most).
+    pub limit_logged: Cell<Option<Instant>>,
+    /// How long a head may take until its route is known.
+    pub head_timeout: Duration,
+    pool: BufPool,
+    /// Reusable buffers for request heads, held only while a request is read and answered.
+    heads: RefCell<Vec<Vec<u8>>>,
+}
+
+pub const BODY_BUF: usize = 64 * 1024;
+pub const HEAD_BUF: usize = 4096;
+/// Head buffers kept for reuse: enough for the requests a worker has in flight at once;
+/// past that they are freed, so a burst of idle connections leaves nothing behind.
+const HEADS_MAX: usize = 64;
+
+impl Ctx {
+    pub fn new(start: &WorkerStart) -> Ctx {
+        let slot = &start.shm.slots[start.slot];
+        let server = &start.config.server;
+        Ctx {
+            region: start.shm,
+            slot,
+            recorder: Recorder::new(start.shm, slot, &start.config),
+            draining: Cell::new(false),
+            canceller: RefCell::new(Canceller::new()),
+            connections: Cell::new(0),
+            max_head: max_head_size(&start.config),
+            keepalive: Duration::from_secs(server.keepalive_timeout_secs),
+            head_timeout: Duration::from_secs(server.client_header_timeout_secs),
+            pool: BufPool::default(),
+            heads: RefCell::new(Vec::new()),
+            shutdown_timeout: Duration::from_secs(server.shutdown_timeout_secs),
+            default_security: RouteSecurity::default(),
+            max_connections: start.config.security.max_concurrent_connections as i64,
+            limit_logged: Cell::new(None),
+        }
+    }
+
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.canceller.borrow().handle()
+    }
+
+    pub fn take_buf(&self) -> Vec<u8> {
+        self.pool.take()
+    }
+
+    pub fn give_buf(&self, buf: Vec<u8>) {
+        self.pool.give(buf)
+    }
+
+    /// A buffer for a request head, from the pool of this worker.
+    pub fn take_head(&self) -> Vec<u8> {
+        self.heads
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(HEAD_BUF))
+    }
+
+    /// Gives a head buffer back (a grown one is freed: the pool holds small ones).
+    pub fn give_head(&self, mut buf: Vec<u8>) {
+        let mut heads = self.heads.borrow_mut();
+        if heads.len() < HEADS_MAX && buf.capacity() == HEAD_BUF {
+            buf.clear();
+            heads.push(buf);
+        }
+    }
+
+    /// Marks the worker draining and cancels the pending accepts; once only.
+    pub fn start_draining(&self) {
+        if self.draining.replace(true) {
+            return;
+        }
+        self.slot.state.store(STATE_DRAINING, Release);
+        let old = self.canceller.replace(Canceller::new());
+        old.cancel();
+    }
+
+    /// Limits for a new client connection, until its route is known: the head must arrive
+    /// within `client_header_timeout_secs`, and writes get the default `send_timeout_secs`.
+    pub fn client_deadlines(&self) -> Rc<Deadlines> {
+        Deadlines::new(
+            Limit::By(Instant::now() + self.head_timeout),
+            Limit::Each(Duration::from_secs(self.default_security.send_timeout_secs)),
+        )
+    }
+}
+
+/// Reusable 64 KiB buffers for bodies: a request holds one only while it moves body bytes,
+/// and an idle connection holds none.
+#[derive(Default)]
+struct BufPool(RefCell<Vec<Vec<u8>>>);
+
+/// Buffers kept for reuse; more are freed when given back.
+const POOL_MAX: usize = 64;
+
+impl BufPool {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BODY_BUF))
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        let mut pool = self.0.borrow_mut();
+        // A buffer that shrank (taken apart by a write) is not worth keeping.
+        if pool.len() < POOL_MAX && buf.capacity() >= BODY_BUF {
+            buf.clear();
+            pool.push(buf);
+        }
+    }
+}
+
+/// The route is known only once the head is parsed: read heads up to the largest limit.
+fn max_head_size(c: &Config) -> usize {
+    c.host_routes
+        .values()
+        .chain(c.path_routes.values().flat_map(|p| p.values()))
+        .map(|r| r.security.max_request_header_size as usize)
+        .chain(std::iter::once(
+            RouteSecurity::default().max_request_header_size as usize,
+        ))
+        .max()
+        .unwrap_or(8192)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_reuses_full_size_buffers_and_drops_small_ones() {
+        let pool = BufPool::default();
+        let mut a = pool.take();
+        assert!(a.capacity() >= BODY_BUF);
+        a.extend_from_slice(b"left over");
+        let ptr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take();
+        assert_eq!(b.as_ptr(), ptr, "the same buffer comes back");
+        assert!(b.is_empty(), "cleared before reuse");
+        pool.give(Vec::with_capacity(16));
+        assert_eq!(pool.0.borrow().len(), 0, "a small buffer is not pooled");
+        for _ in 0..POOL_MAX + 3 {
+            pool.give(Vec::with_capacity(BODY_BUF));
+        }
+        assert_eq!(pool.0.borrow().len(), POOL_MAX);
+    }
+
+    #[test]
+    fn heads_are_read_up_to_the_largest_route_limit() {
+        let mut c = Config::default();
+        assert_eq!(
+            max_head_size(&c),
+            RouteSecurity::default().max_request_header_size as usize
+        );
+        let mut route = crate::shared::config::Route::default();
+        route.security.max_request_header_size = 1 << 20;
+        c.host_routes.insert("a.test".into(), route);
+        assert_eq!(max_head_size(&c), 1 << 20);
+    }
+}
