@@ -13,6 +13,22 @@ pub fn format(t: SystemTime) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs.min(LAST)))
 }
 
+/// The `Date` of a response sent now: formatted once a second, not once a response.
+pub fn now() -> Vec<u8> {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = format(now).into_bytes();
+        }
+        text.clone()
+    })
+}
+
 /// Seconds since the epoch, from any of the three forms; `None` for anything else.
 pub fn parse(v: &[u8]) -> Option<u64> {
     let s = std::str::from_utf8(v).ok()?.trim();
@@ -62,6 +78,17 @@ mod tests {
         for secs in [0u64, NOV_6_1994, 1_700_000_000, 4_102_444_800, LAST] {
             assert_eq!(parse(format(at(secs)).as_bytes()), Some(secs));
         }
+    }
+
+    #[test]
+    fn the_cached_date_is_the_current_second() {
+        let before = parse(&now()).unwrap();
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let after = parse(&now()).unwrap();
+        assert!(before <= wall && wall <= after, "{before} {wall} {after}");
     }
 
     #[test]

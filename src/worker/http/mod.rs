@@ -401,7 +401,7 @@ impl ResponseHead {
     pub fn with_defaults(mut self) -> Self {
         self.headers
             .insert(0, ("Server".into(), "zerocopy-server".into()));
-        self.set("Date", date_now());
+        self.set("Date", date::now());
         self
     }
 
@@ -437,29 +437,6 @@ impl ResponseHead {
         out.extend_from_slice(b"\r\n");
         out
     }
-}
-
-/// The `Date` of a response sent now: formatted once a second, not once a response.
-fn date_now() -> Vec<u8> {
-    thread_local! {
-        static DATE: std::cell::RefCell<(u64, Vec<u8>)> = const { std::cell::RefCell::new((u64::MAX, Vec::new())) };
-    }
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, text)| {
-        if *at != secs {
-            *at = secs;
-            *text = http_date(now).into_bytes();
-        }
-        text.clone()
-    })
-}
-
-/// `Sun, 06 Nov 1994 08:49:37 GMT` (IMF-fixdate).
-pub fn http_date(t: std::time::SystemTime) -> String {
-    date::format(t)
 }
 
 #[cfg(test)]

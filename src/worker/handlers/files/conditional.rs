@@ -345,7 +345,7 @@ mod props {
         ) {
             if let Some(secs) = http::date::parse(&v) {
                 // Whatever parses is a time this server can write back.
-                let _ = http::http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+                let _ = http::date::format(UNIX_EPOCH + std::time::Duration::from_secs(secs));
             }
             let req = request("GET", vec![("If-Modified-Since", v.clone()), ("If-Range", v)]);
             let _ = validators().not_modified(&req);
