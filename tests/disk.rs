@@ -27,6 +27,7 @@ mode = "memory"
 
 fn mkfifo(path: &Path) {
     let c = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
 }
 
@@ -35,6 +36,7 @@ fn mknod_zero(path: &Path) {
     let c = CString::new(path.to_str().unwrap()).unwrap();
     let dev = libc::makedev(1, 5);
     assert_eq!(
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
         unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, dev) },
         0,
         "mknod: {}",

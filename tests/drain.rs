@@ -169,6 +169,7 @@ fn a_non_retrying_keep_alive_client_loses_nothing_across_reloads_and_an_upgrade(
         &fresh_failures[..fresh_failures.len().min(5)],
     );
     assert!(kept_ok > 200 && fresh_ok > 100, "{kept_ok} and {fresh_ok}");
+    // SAFETY: kill(2) takes plain values and touches no memory of ours.
     unsafe { libc::kill(new.0, libc::SIGQUIT) };
 }
 

@@ -239,6 +239,7 @@ fn a_crash_looping_worker_is_re_forked_with_growing_delays() {
     for _ in 0..7 {
         let victim = *seen.last().unwrap();
         let killed = Instant::now();
+        // SAFETY: kill(2) takes plain values and touches no memory of ours.
         unsafe { libc::kill(victim, libc::SIGKILL) };
         let (next, at) = next_child(master, &seen);
         gaps.push(at - killed);
@@ -259,6 +260,7 @@ fn a_crash_looping_worker_is_re_forked_with_growing_delays() {
     );
     let victim = *seen.last().unwrap();
     let killed = Instant::now();
+    // SAFETY: kill(2) takes plain values and touches no memory of ours.
     unsafe { libc::kill(victim, libc::SIGKILL) };
     let (_, at) = next_child(master, &seen);
     assert!(

@@ -191,6 +191,7 @@ fn a_killed_worker_is_replaced_within_a_second_and_counters_do_not_go_back() {
     let ip = addr_of[index].unwrap();
 
     let killed = Instant::now();
+    // SAFETY: kill(2) takes plain values and touches no memory of ours.
     unsafe { libc::kill(victim, libc::SIGKILL) };
     // Once the victim is gone, a connection waits in the accept queue that the master keeps
     // open, and is answered by the replacement in the same slot. (A connection the kernel

@@ -146,6 +146,7 @@ fn a_rejected_upgrade_rolls_back_to_the_old_master() {
         .len()
         == 1));
     // The operator changes their mind: QUIT to the new master; the old one takes its name back.
+    // SAFETY: kill(2) takes plain values and touches no memory of ours.
     unsafe { libc::kill(new, libc::SIGQUIT) };
     assert!(wait_until(Duration::from_secs(10), || !alive(new)));
     assert!(

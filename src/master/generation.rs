@@ -526,6 +526,8 @@ fn spawn_health(env: &SpawnEnv, generation: &Generation) -> Result<Worker> {
 }
 
 fn fork_child(env: &SpawnEnv, generation: &Generation, role: Role) -> Result<Pid> {
+    // SAFETY: the master is single-threaded (DESIGN: every thread starts after the fork, in
+    // the process that uses it), so the child may run any code, not only async-signal-safe.
     match unsafe { fork() } {
         Err(e) => Err(anyhow!("fork: {e}")),
         Ok(ForkResult::Parent { child }) => Ok(child),
@@ -544,9 +546,11 @@ fn fork_child(env: &SpawnEnv, generation: &Generation, role: Role) -> Result<Pid
             for g in &env.groups {
                 for (i, s) in g.sockets.iter().enumerate() {
                     if Some(i) == index {
+                        // SAFETY: adopted once; the master's `TcpListener` owning the same fd
+                        // is never dropped in the child, which never returns.
                         own.push(unsafe { TcpListener::from_raw_fd(s.as_raw_fd()) });
                     } else {
-                        unsafe { libc::close(s.as_raw_fd()) };
+                        let _ = nix::unistd::close(s.as_raw_fd());
                     }
                 }
             }

@@ -47,11 +47,15 @@ pub fn next(timeout: Duration) -> Option<Received> {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
+    // SAFETY: `siginfo_t` is plain data, valid all zeroes.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to a signal set, a siginfo and a timespec that outlive the call
+    // (nix wraps sigwait, not sigtimedwait with its siginfo).
     let n = unsafe { libc::sigtimedwait(set.as_ref(), &mut info, &ts) };
     let signal = Signal::try_from(n).ok()?;
     let fast_stop = signal == Signal::SIGTERM
         && info.si_code == libc::SI_QUEUE
+        // SAFETY: for SI_QUEUE, the kernel filled in the value union.
         && unsafe { info.si_value() }.sival_ptr as usize == FAST_STOP;
     Some(Received { signal, fast_stop })
 }
@@ -61,6 +65,7 @@ pub fn queue_fast_stop(pid: i32) -> std::io::Result<()> {
     let value = libc::sigval {
         sival_ptr: FAST_STOP as *mut libc::c_void,
     };
+    // SAFETY: sigqueue(3) takes its arguments by value; the pointer is a tag, never read.
     if unsafe { libc::sigqueue(pid, libc::SIGTERM, value) } != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -46,6 +46,8 @@ pub fn spawn_new_master(
         .iter()
         .flat_map(|g| g.sockets.iter().map(|s| s.as_raw_fd()))
         .collect();
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (close, fcntl, sigprocmask) on descriptors and values it owns a copy of.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
@@ -81,9 +83,10 @@ pub fn receive() -> Result<Option<(Shm, Vec<ListenGroup>)>> {
     let Ok(fd) = std::env::var(ENV) else {
         return Ok(None);
     };
-    // Single-threaded here (nothing else reads the environment).
+    // SAFETY: single-threaded here (nothing else reads the environment).
     unsafe { std::env::remove_var(ENV) };
     let fd: RawFd = fd.parse().context("bad upgrade descriptor")?;
+    // SAFETY: the old master made this descriptor for us alone and named it in `ENV`.
     let sock = unsafe { UnixDatagram::from_raw_fd(fd) };
     let mut buf = [0u8; 512];
     let mut fds = [0 as RawFd; 1];
@@ -100,6 +103,7 @@ pub fn receive() -> Result<Option<(Shm, Vec<ListenGroup>)>> {
     if nfds != 1 {
         bail!("no shared-memory descriptor in the upgrade");
     }
+    // SAFETY: a descriptor just received with SCM_RIGHTS: new in this process, owned by none.
     let shm =
         Shm::open(unsafe { OwnedFd::from_raw_fd(fds[0]) }).context("mapping the shared memory")?;
     let mut groups = Vec::new();
@@ -120,6 +124,7 @@ pub fn receive() -> Result<Option<(Shm, Vec<ListenGroup>)>> {
         }
         let sockets = fds[..nfds]
             .iter()
+            // SAFETY: descriptors just received with SCM_RIGHTS, each adopted once.
             .map(|fd| unsafe { TcpListener::from_raw_fd(*fd) })
             .collect();
         groups.push(ListenGroup { addr, sockets });

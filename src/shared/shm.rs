@@ -25,7 +25,7 @@
 
 use std::cell::UnsafeCell;
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
 pub const LAYOUT_VERSION: u64 = 2;
@@ -159,7 +159,7 @@ pub struct Region {
     pub slots: [Slot; MAX_SLOTS],
 }
 
-// Safety: every field is an atomic, except the host names, which follow the publish protocol
+// SAFETY: every field is an atomic, except the host names, which follow the publish protocol
 // described at the top of this file.
 unsafe impl Sync for Region {}
 
@@ -173,11 +173,8 @@ pub struct Shm {
 impl Shm {
     /// Creates a fresh, zeroed region (the first master).
     pub fn create() -> std::io::Result<Shm> {
-        let raw = unsafe { libc::memfd_create(c"zerocopy-shm".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(c"zerocopy-shm", MemFdCreateFlag::MFD_CLOEXEC)?;
         let file = File::from(fd.try_clone()?);
         file.set_len(std::mem::size_of::<Region>() as u64)?;
         let shm = Self::map(fd)?;
@@ -212,6 +209,8 @@ impl Shm {
         if file.metadata()?.len() < std::mem::size_of::<Region>() as u64 {
             return Err(std::io::Error::other("shared memory region is too small"));
         }
+        // SAFETY: a shared mapping of our own memfd: its size was checked above and it is
+        // never truncated; other processes change it only through the atomics of `Region`.
         let map = unsafe {
             memmap2::MmapOptions::new()
                 .len(std::mem::size_of::<Region>())
@@ -219,6 +218,8 @@ impl Shm {
         };
         // The mapping lives as long as the process: leak it to get a 'static reference.
         let map = Box::leak(Box::new(map));
+        // SAFETY: the mapping is page-aligned, at least `size_of::<Region>()` long, leaked (so
+        // 'static), and all zeroes is a valid `Region` (atomics and byte arrays).
         let region = unsafe { &*(map.as_ptr() as *const Region) };
         Ok(Shm { region, _fd: fd })
     }
@@ -297,6 +298,8 @@ fn published<const N: usize>(
     if len == 0 || len > max as u64 {
         return None;
     }
+    // SAFETY: a published entry (len set with Release after its bytes) is never written
+    // again (see the protocol at the top).
     let bytes = unsafe { &*bytes.get() };
     Some(String::from_utf8_lossy(&bytes[..len as usize]).into_owned())
 }
@@ -314,6 +317,8 @@ fn register<'a, const N: usize>(
     }
     for (i, (len, bytes)) in entries.enumerate() {
         if len.compare_exchange(0, WRITING, AcqRel, Acquire).is_ok() {
+            // SAFETY: winning the 0 → WRITING exchange makes this process the entry's only
+            // writer, and no reader looks at it until `len` is published below.
             unsafe { (&mut *bytes.get())[..name.len()].copy_from_slice(name.as_bytes()) };
             len.store(name.len() as u64, Release);
             count.fetch_max(i as u64 + 1, AcqRel);

@@ -273,8 +273,10 @@ mod tests {
 
     #[test]
     fn route_headers_apply_after_the_defaults_and_head_strips_the_body() {
-        let mut sec = RouteSecurity::default();
-        sec.remove_response_headers = vec!["server".into()];
+        let mut sec = RouteSecurity {
+            remove_response_headers: vec!["server".into()],
+            ..RouteSecurity::default()
+        };
         sec.add_response_headers
             .insert("X-Frame-Options".into(), "DENY".into());
         let (r, _) = prepare(Response::error(404), true, Some(&sec), &meta("HEAD", 1));

@@ -50,23 +50,10 @@ fn unavailable_reason() -> String {
 /// Attaches the TLS ULP to a fresh loopback connection: the kernel's own answer.
 #[cfg(feature = "ktls")]
 fn probe() -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+    use nix::sys::socket::{setsockopt, sockopt::TcpUlp};
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let client = std::net::TcpStream::connect(listener.local_addr()?)?;
     let _server = listener.accept()?;
-    let ulp = b"tls";
-    let r = unsafe {
-        libc::setsockopt(
-            client.as_raw_fd(),
-            libc::SOL_TCP,
-            libc::TCP_ULP,
-            ulp.as_ptr() as *const libc::c_void,
-            ulp.len() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    setsockopt(&client, TcpUlp::default(), b"tls")?;
+    Ok(())
 }

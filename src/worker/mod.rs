@@ -128,12 +128,7 @@ pub(crate) fn drop_privileges(start: &WorkerStart) -> Result<(), String> {
             return Err(format!("still able to become root after setuid({uid})"));
         }
     }
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(format!(
-            "prctl(PR_SET_NO_NEW_PRIVS): {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("prctl(PR_SET_NO_NEW_PRIVS): {e}"))?;
     Ok(())
 }
 

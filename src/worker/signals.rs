@@ -18,13 +18,15 @@ static WRITE_END: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     // The handler may interrupt code between a failing call and its read of `errno`.
-    let saved = unsafe { *libc::__errno_location() };
+    let saved = nix::errno::Errno::last_raw();
     let byte = sig as u8;
     let fd = WRITE_END.load(Ordering::Relaxed);
     if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; `fd` is the socket `install` leaked for the
+        // life of the process, and one byte is read from a live local.
         unsafe { libc::write(fd, &byte as *const u8 as *const libc::c_void, 1) };
     }
-    unsafe { *libc::__errno_location() = saved };
+    nix::errno::Errno::set_raw(saved);
 }
 
 /// Routes QUIT, TERM, INT and USR1 (reopen the log) to the returned socket; HUP, USR2 and
@@ -44,6 +46,7 @@ pub fn install() -> std::io::Result<UnixStream> {
     }
     let handler = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, handled);
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: `on_signal` only does async-signal-safe things (atomic load, write(2), errno).
     unsafe {
         for s in HANDLED {
             sigaction(s, &handler)?;

@@ -133,6 +133,7 @@ impl Server {
     }
 
     pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) takes plain values and touches no memory of ours.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
@@ -171,6 +172,7 @@ impl Drop for Server {
         let workers = children_of(pid);
         // TERM drains (a client may still hold a connection); a second TERM stops at once.
         for wait in [1, 5] {
+            // SAFETY: kill(2) takes plain values and touches no memory of ours.
             unsafe { libc::kill(pid, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(wait);
             while Instant::now() < deadline {
@@ -181,6 +183,7 @@ impl Drop for Server {
             }
         }
         for w in workers {
+            // SAFETY: kill(2) takes plain values and touches no memory of ours.
             unsafe { libc::kill(w, libc::SIGKILL) };
         }
         let _ = child.kill();
@@ -555,6 +558,7 @@ impl Drop for Reap {
     fn drop(&mut self) {
         for pid in children_of(self.0).into_iter().chain([self.0]) {
             if alive(pid) {
+                // SAFETY: kill(2) takes plain values and touches no memory of ours.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }

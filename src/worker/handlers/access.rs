@@ -127,10 +127,12 @@ mod tests {
 
     #[test]
     fn deny_wins_over_allow_then_methods_are_checked() {
-        let mut sec = RouteSecurity::default();
-        sec.allowed_ips = vec!["10.0.0.0/8".into()];
-        sec.denied_ips = vec!["10.0.0.66/32".into()];
-        sec.allowed_methods = vec!["GET".into(), "HEAD".into()];
+        let sec = RouteSecurity {
+            allowed_ips: vec!["10.0.0.0/8".into()],
+            denied_ips: vec!["10.0.0.66/32".into()],
+            allowed_methods: vec!["GET".into(), "HEAD".into()],
+            ..RouteSecurity::default()
+        };
         let access = Access::new("acl-test", &sec);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let now = unix_now();
@@ -156,8 +158,10 @@ mod tests {
 
     #[test]
     fn the_rate_limit_admits_its_count_per_minute_then_says_when_to_retry() {
-        let mut sec = RouteSecurity::default();
-        sec.rate_limit_requests_per_min = 3;
+        let sec = RouteSecurity {
+            rate_limit_requests_per_min: 3,
+            ..RouteSecurity::default()
+        };
         let access = Access::new("rate-test-unique-route", &sec);
         let ip: IpAddr = "198.51.100.9".parse().unwrap();
         // The start of a minute, so that the window does not roll over mid-test.

@@ -128,7 +128,7 @@ pub async fn send<S: ClientStream>(
             write_all(stream, out).await.map(|_| len)
         }
         Body::File { file, offset, len } => match stream.plain() {
-            Some(tcp) => sendfile::send(tcp, &out, &file, offset, len).await,
+            Some(tcp) => zero_copy::send(tcp, &out, &file, offset, len).await,
             // Over TLS the bytes must be encrypted here: read, then write.
             None => {
                 write_all(stream, out).await?;
@@ -178,12 +178,17 @@ async fn copy_file<S: AsyncWriteRent>(
     Ok(len)
 }
 
-mod sendfile {
+mod zero_copy {
     //! The socket is switched to non-blocking for the length of one file response, so that
     //! `send` and `sendfile` return at once, and io_uring's poll waits for room. No other
     //! operation runs on the socket meanwhile: its connection task is here.
 
     use super::*;
+    use nix::errno::Errno;
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use nix::sys::sendfile;
+    use nix::sys::socket::{self, MsgFlags};
+    use std::os::fd::BorrowedFd;
 
     struct NonBlocking(i32);
 
@@ -201,17 +206,14 @@ mod sendfile {
     }
 
     fn set_flag(fd: i32, on: bool) -> std::io::Result<()> {
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
         let new = if on {
-            flags | libc::O_NONBLOCK
+            flags | OFlag::O_NONBLOCK
         } else {
-            flags & !libc::O_NONBLOCK
+            flags - OFlag::O_NONBLOCK
         };
-        if new != flags && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
-            return Err(std::io::Error::last_os_error());
+        if new != flags {
+            fcntl(fd, FcntlArg::F_SETFL(new))?;
         }
         Ok(())
     }
@@ -230,18 +232,17 @@ mod sendfile {
         }
     }
 
-    /// Retries `op` (a non-blocking syscall returning bytes or -1) until it makes progress.
-    async fn progress(stream: &Timed, mut op: impl FnMut() -> isize) -> std::io::Result<usize> {
+    /// Retries `op` (a non-blocking syscall) until it makes progress.
+    async fn progress(
+        stream: &Timed,
+        mut op: impl FnMut() -> nix::Result<usize>,
+    ) -> std::io::Result<usize> {
         loop {
-            let n = op();
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                std::io::ErrorKind::WouldBlock => wait_writable(stream).await?,
-                std::io::ErrorKind::Interrupted => {}
-                _ => return Err(e),
+            match op() {
+                Ok(n) => return Ok(n),
+                Err(Errno::EAGAIN) => wait_writable(stream).await?,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -255,27 +256,29 @@ mod sendfile {
     ) -> std::io::Result<u64> {
         let sock = stream.tcp().as_raw_fd();
         let _mode = NonBlocking::set(sock)?;
+        // MSG_MORE: the head and the first file bytes leave in one segment (nix has no name
+        // for it).
+        let more = if len > 0 {
+            MsgFlags::from_bits_retain(libc::MSG_MORE)
+        } else {
+            MsgFlags::empty()
+        };
         let mut sent = 0;
         while sent < head.len() {
             let rest = &head[sent..];
-            // MSG_MORE: the head and the first file bytes leave in one segment.
-            let flags = libc::MSG_NOSIGNAL | if len > 0 { libc::MSG_MORE } else { 0 };
-            sent += progress(stream, || unsafe {
-                libc::send(
-                    sock,
-                    rest.as_ptr() as *const libc::c_void,
-                    rest.len(),
-                    flags,
-                )
+            sent += progress(stream, || {
+                socket::send(sock, rest, MsgFlags::MSG_NOSIGNAL | more)
             })
             .await?;
         }
+        // SAFETY: the descriptor belongs to `stream`, which is borrowed for this whole call.
+        let out = unsafe { BorrowedFd::borrow_raw(sock) };
         let mut off = offset as libc::off_t;
         let end = offset + len;
         while (off as u64) < end {
             let want = (end - off as u64).min(1 << 30) as usize;
-            let n = progress(stream, || unsafe {
-                libc::sendfile(sock, file.as_raw_fd(), &mut off, want)
+            let n = progress(stream, || {
+                sendfile::sendfile(out, file, Some(&mut off), want)
             })
             .await?;
             if n == 0 {

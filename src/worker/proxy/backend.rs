@@ -171,16 +171,10 @@ impl BackendConn {
     /// An idle pooled connection is usable if the backend has neither closed it nor sent
     /// anything unasked (a peek that would block).
     fn still_open(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
         let mut b = [0u8; 1];
-        let n = unsafe {
-            libc::recv(
-                self.fd,
-                b.as_mut_ptr() as *mut libc::c_void,
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+        let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        recv(self.fd, &mut b, peek) == Err(nix::errno::Errno::EAGAIN)
     }
 }
 

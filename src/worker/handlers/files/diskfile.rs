@@ -44,9 +44,8 @@ pub fn classify(file: File) -> io::Result<Opened> {
         return Ok(Opened::Special);
     }
     // Only O_NONBLOCK among the settable status flags was set: clearing all clears it.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let empty = nix::fcntl::OFlag::empty();
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(empty))?;
     Ok(Opened::File(file, meta))
 }
 
@@ -69,8 +68,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let fifo = dir.join("pipe");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         assert!(matches!(open(&fifo), Ok(Opened::Special)));
     }
 
@@ -86,7 +84,7 @@ mod tests {
             panic!("a regular file");
         };
         assert_eq!(meta.len(), 1);
-        let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+        let flags = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
         assert_eq!(flags & libc::O_NONBLOCK, 0);
         assert!(matches!(open(dir), Ok(Opened::Dir)));
         assert!(matches!(open(Path::new("/dev/null")), Ok(Opened::Special)));

@@ -106,9 +106,13 @@ fn openat2_beneath(dir: &std::os::fd::OwnedFd, rel: &str) -> std::io::Result<std
     use std::os::fd::{AsRawFd, FromRawFd};
     let c = std::ffi::CString::new(rel)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `open_how` is three integers, for which all zeroes is a valid value (and the
+    // one openat2(2) asks for in fields not set).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = diskfile::OPEN_FLAGS as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2(2) (neither libc nor nix wraps it) with a live directory descriptor, a
+    // NUL-terminated path and an `open_how` with its true size, all outliving the call.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
@@ -121,6 +125,7 @@ fn openat2_beneath(dir: &std::os::fd::OwnedFd, rel: &str) -> std::io::Result<std
     if fd < 0 {
         Err(std::io::Error::last_os_error())
     } else {
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
         Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
     }
 }
