@@ -266,3 +266,18 @@ fn timestamp() -> String {
         t.millisecond()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_rfc_3339_utc_with_milliseconds() {
+        let t = super::timestamp();
+        let parsed =
+            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(t.len(), "2026-01-02T03:04:05.678Z".len(), "{t}");
+        assert!(t.ends_with('Z'));
+        let age = time::OffsetDateTime::now_utc() - parsed;
+        assert!(age.whole_seconds().abs() < 60, "{t}");
+    }
+}

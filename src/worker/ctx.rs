@@ -35,9 +35,11 @@ pub struct Ctx {
     pub limit_logged: Cell<Option<Instant>>,
     /// How long a head may take until its route is known.
     pub head_timeout: Duration,
-    pool: BufPool,
+    /// Reusable 64 KiB buffers for bodies: a request holds one only while it moves body
+    /// bytes, and an idle connection holds none.
+    bodies: BufPool,
     /// Reusable buffers for request heads, held only while a request is read and answered.
-    heads: RefCell<Vec<Vec<u8>>>,
+    heads: BufPool,
 }
 
 pub const BODY_BUF: usize = 64 * 1024;
@@ -45,6 +47,7 @@ pub const HEAD_BUF: usize = 4096;
 /// Head buffers kept for reuse: enough for the requests a worker has in flight at once;
 /// past that they are freed, so a burst of idle connections leaves nothing behind.
 const HEADS_MAX: usize = 64;
+const BODIES_MAX: usize = 64;
 
 impl Ctx {
     pub fn new(start: &WorkerStart) -> Ctx {
@@ -60,8 +63,8 @@ impl Ctx {
             max_head: max_head_size(&start.config),
             keepalive: Duration::from_secs(server.keepalive_timeout_secs),
             head_timeout: Duration::from_secs(server.client_header_timeout_secs),
-            pool: BufPool::default(),
-            heads: RefCell::new(Vec::new()),
+            bodies: BufPool::new(BODY_BUF, BODIES_MAX),
+            heads: BufPool::new(HEAD_BUF, HEADS_MAX),
             shutdown_timeout: Duration::from_secs(server.shutdown_timeout_secs),
             default_security: RouteSecurity::default(),
             max_connections: start.config.security.max_concurrent_connections as i64,
@@ -73,29 +76,22 @@ impl Ctx {
         self.canceller.borrow().handle()
     }
 
+    /// A 64 KiB buffer for body bytes.
     pub fn take_buf(&self) -> Vec<u8> {
-        self.pool.take()
+        self.bodies.take()
     }
 
     pub fn give_buf(&self, buf: Vec<u8>) {
-        self.pool.give(buf)
+        self.bodies.give(buf)
     }
 
-    /// A buffer for a request head, from the pool of this worker.
+    /// A buffer for a request head.
     pub fn take_head(&self) -> Vec<u8> {
-        self.heads
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(HEAD_BUF))
+        self.heads.take()
     }
 
-    /// Gives a head buffer back (a grown one is freed: the pool holds small ones).
-    pub fn give_head(&self, mut buf: Vec<u8>) {
-        let mut heads = self.heads.borrow_mut();
-        if heads.len() < HEADS_MAX && buf.capacity() == HEAD_BUF {
-            buf.clear();
-            heads.push(buf);
-        }
+    pub fn give_head(&self, buf: Vec<u8>) {
+        self.heads.give(buf)
     }
 
     /// Marks the worker draining and cancels the pending accepts; once only.
@@ -118,28 +114,36 @@ impl Ctx {
     }
 }
 
-/// Reusable 64 KiB buffers for bodies: a request holds one only while it moves body bytes,
-/// and an idle connection holds none.
-#[derive(Default)]
-struct BufPool(RefCell<Vec<Vec<u8>>>);
-
-/// Buffers kept for reuse; more are freed when given back.
-const POOL_MAX: usize = 64;
+/// Buffers of one size, kept for reuse: up to `max`, the rest are freed when given back.
+struct BufPool {
+    free: RefCell<Vec<Vec<u8>>>,
+    size: usize,
+    max: usize,
+}
 
 impl BufPool {
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BODY_BUF))
+    fn new(size: usize, max: usize) -> BufPool {
+        BufPool {
+            free: RefCell::new(Vec::new()),
+            size,
+            max,
+        }
     }
 
+    fn take(&self) -> Vec<u8> {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.size))
+    }
+
+    /// Only buffers of the pool's size are kept: one that shrank (taken apart by a write)
+    /// is not worth keeping, and one that grew (a large head) would pin its memory.
     fn give(&self, mut buf: Vec<u8>) {
-        let mut pool = self.0.borrow_mut();
-        // A buffer that shrank (taken apart by a write) is not worth keeping.
-        if pool.len() < POOL_MAX && buf.capacity() >= BODY_BUF {
+        let mut free = self.free.borrow_mut();
+        if free.len() < self.max && buf.capacity() == self.size {
             buf.clear();
-            pool.push(buf);
+            free.push(buf);
         }
     }
 }
@@ -162,10 +166,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_pool_reuses_full_size_buffers_and_drops_small_ones() {
-        let pool = BufPool::default();
+    fn the_pool_reuses_its_buffers_and_frees_other_sizes() {
+        let pool = BufPool::new(BODY_BUF, 4);
         let mut a = pool.take();
-        assert!(a.capacity() >= BODY_BUF);
+        assert_eq!(a.capacity(), BODY_BUF);
         a.extend_from_slice(b"left over");
         let ptr = a.as_ptr();
         pool.give(a);
@@ -173,11 +177,14 @@ mod tests {
         assert_eq!(b.as_ptr(), ptr, "the same buffer comes back");
         assert!(b.is_empty(), "cleared before reuse");
         pool.give(Vec::with_capacity(16));
-        assert_eq!(pool.0.borrow().len(), 0, "a small buffer is not pooled");
-        for _ in 0..POOL_MAX + 3 {
+        let mut grown = Vec::with_capacity(BODY_BUF);
+        grown.reserve(BODY_BUF * 2);
+        pool.give(grown);
+        assert_eq!(pool.free.borrow().len(), 0, "other sizes are freed");
+        for _ in 0..7 {
             pool.give(Vec::with_capacity(BODY_BUF));
         }
-        assert_eq!(pool.0.borrow().len(), POOL_MAX);
+        assert_eq!(pool.free.borrow().len(), 4, "at most `max` are kept");
     }
 
     #[test]

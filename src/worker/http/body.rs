@@ -145,3 +145,77 @@ pub async fn discard<S: AsyncReadRent>(
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monoio::io::AsyncWriteRentExt;
+    use monoio::net::UnixStream;
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// What the reader hands out, piece by piece, and what is left in `buf` for the next
+    /// request.
+    async fn read_all(
+        framing: Framing,
+        buffered: &[u8],
+        later: &[u8],
+    ) -> (Result<Vec<u8>, BodyError>, Vec<u8>) {
+        let (mut ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        if !later.is_empty() {
+            theirs.write_all(later.to_vec()).await.0.expect("write");
+        }
+        drop(theirs);
+        let mut reader = BodyReader::new(framing, 1 << 20);
+        let mut buf = buffered.to_vec();
+        let mut piece = Vec::new();
+        let mut body = Vec::new();
+        loop {
+            match reader.next(&mut ours, &mut buf, &mut piece).await {
+                Ok(true) => body.extend_from_slice(&piece),
+                Ok(false) => return (Ok(body), buf),
+                Err(e) => return (Err(e), buf),
+            }
+        }
+    }
+
+    #[test]
+    fn a_length_body_takes_its_bytes_and_leaves_the_next_request() {
+        let (body, left) = run(read_all(Framing::Length(5), b"hel", b"loGET /"));
+        assert_eq!(body.unwrap(), b"hello");
+        assert!(
+            left.is_empty(),
+            "the socket's next bytes stay in the socket"
+        );
+        let (body, left) = run(read_all(Framing::Length(2), b"hiGET /", b""));
+        assert_eq!(body.unwrap(), b"hi");
+        assert_eq!(left, b"GET /");
+    }
+
+    #[test]
+    fn a_chunked_body_is_decoded_across_reads() {
+        let (body, left) = run(read_all(
+            Framing::Chunked,
+            b"3\r\nabc\r\n",
+            b"2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\nNEXT",
+        ));
+        assert_eq!(body.unwrap(), b"abcde");
+        assert_eq!(left, b"NEXT");
+    }
+
+    #[test]
+    fn a_body_cut_short_is_an_error_with_no_status() {
+        let (body, _) = run(read_all(Framing::Length(10), b"abc", b"de"));
+        assert_eq!(body, Err(BodyError::Closed));
+        assert_eq!(BodyError::Closed.status(), None);
+        let (body, _) = run(read_all(Framing::Chunked, b"zz\r\n", b""));
+        assert_eq!(body, Err(BodyError::Invalid));
+        assert_eq!(BodyError::Invalid.status(), Some(400));
+    }
+}

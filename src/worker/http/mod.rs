@@ -474,6 +474,81 @@ mod tests {
             assert_eq!(normalize_path(input).ok().as_deref(), want, "{input}");
         }
     }
+
+    #[test]
+    fn encodes_what_a_path_may_not_hold() {
+        assert_eq!(encode_path("/a b/ü?#%"), "/a%20b/%C3%BC%3F%23%25");
+        assert_eq!(encode_path("/-._~!$&'()*+,;=:@"), "/-._~!$&'()*+,;=:@");
+    }
+
+    fn head(raw: &str) -> Request {
+        match parse(raw.as_bytes()) {
+            Parse::Complete(req, n) => {
+                assert_eq!(n, raw.len());
+                req
+            }
+            _ => panic!("test head does not parse: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn the_host_comes_from_an_absolute_target_first() {
+        let r = head("GET http://Abs.test:81/p?q HTTP/1.1\r\nHost: other.test\r\n\r\n");
+        assert_eq!(
+            (r.host().as_str(), r.raw_host().as_str()),
+            ("abs.test", "Abs.test:81")
+        );
+        assert_eq!(r.path(), "/p");
+        let r = head("GET /x#f HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n");
+        assert_eq!((r.host().as_str(), r.path()), ("[::1]", "/x"));
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version() {
+        let r = head("GET / HTTP/1.1\r\nHost: t\r\nConnection: foo, Close\r\n\r\n");
+        assert!(!r.wants_keep_alive());
+        let r = head("GET / HTTP/1.0\r\n\r\n");
+        assert!(!r.wants_keep_alive());
+        let r = head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(r.wants_keep_alive());
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let check = |raw: &str| head(raw).check();
+        let te_cl =
+            "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(check(te_cl), Err(400));
+        let two_cl = "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n";
+        assert_eq!(check(two_cl), Err(400));
+        let te_gzip = "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n";
+        assert_eq!(check(te_gzip), Err(400));
+        let expect = "POST / HTTP/1.1\r\nHost: t\r\nExpect: magic\r\n\r\n";
+        assert_eq!(check(expect), Err(417));
+        assert_eq!(
+            check("OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n"),
+            Ok(Framing::None)
+        );
+        assert_eq!(check("GET * HTTP/1.1\r\nHost: t\r\n\r\n"), Err(400));
+        let same_cl =
+            "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(check(same_cl), Ok(Framing::Length(3)));
+    }
+
+    #[test]
+    fn a_response_head_is_written_with_its_headers_in_order() {
+        let mut h = ResponseHead::new(404).header("X-A", "1").header("X-B", "2");
+        h.set("x-a", "3");
+        h.remove("X-Gone");
+        assert_eq!(
+            h.encode(),
+            b"HTTP/1.1 404 Not Found\r\nX-B: 2\r\nx-a: 3\r\n\r\n"
+        );
+        let mut h = ResponseHead::new(299).with_defaults();
+        h.reason = Some("Backend Said".into());
+        let text = String::from_utf8(h.encode()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 299 Backend Said\r\nServer: zerocopy-server\r\nDate: "));
+    }
 }
 
 /// Property tests: arbitrary bytes never panic the head parser or the path normaliser, and

@@ -549,3 +549,139 @@ async fn failed<S: ClientStream>(
         None => Exchange::Close,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> Request {
+        match http::parse(raw.as_bytes()) {
+            http::Parse::Complete(req, _) => req,
+            _ => panic!("test head does not parse: {raw:?}"),
+        }
+    }
+
+    fn head_for(req: &Request, sec: &RouteSecurity, rest: &str, upgrade: bool) -> String {
+        let framing = req.check().expect("a valid test request");
+        let target = Target::new("http://127.0.0.1:8081/base/", None, None, None).unwrap();
+        let p = Proxied {
+            req,
+            rest,
+            sec,
+            framing,
+            client_ip: "192.0.2.7".parse().unwrap(),
+            upgrade,
+        };
+        String::from_utf8(request_head(&p, &target)).unwrap()
+    }
+
+    #[test]
+    fn the_backend_gets_no_hop_by_hop_fields_and_its_own_host() {
+        let req = request(
+            "POST /app/a%20b?x=1 HTTP/1.1\r\nHost: front.test:8443\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nTE: trailers\r\nExpect: 100-continue\r\nContent-Length: 3\r\nX-Kept: k\r\n\r\n",
+        );
+        let head = head_for(&req, &RouteSecurity::default(), "/a b", false);
+        assert!(
+            head.starts_with("POST /base/a%20b?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8081\r\n"),
+            "{head}"
+        );
+        for gone in [
+            "X-Secret",
+            "Keep-Alive",
+            "TE:",
+            "Expect",
+            "Connection",
+            "front.test",
+        ] {
+            assert!(!head.contains(gone), "{gone} in {head}");
+        }
+        assert!(head.contains("X-Kept: k\r\n"), "{head}");
+        assert!(head.ends_with("Content-Length: 3\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn added_request_headers_replace_and_expand_variables() {
+        let req = request(
+            "GET /p?q HTTP/1.1\r\nHost: Front.test\r\nX-Forwarded-For: spoofed\r\nX-Drop: d\r\n\r\n",
+        );
+        let mut sec = RouteSecurity {
+            remove_request_headers: vec!["x-drop".into()],
+            ..RouteSecurity::default()
+        };
+        sec.add_request_headers
+            .insert("X-Forwarded-For".into(), "$client_ip".into());
+        sec.add_request_headers
+            .insert("X-Original".into(), "$host $request_uri".into());
+        let head = head_for(&req, &sec, "", false);
+        assert!(head.starts_with("GET /base/?q HTTP/1.1\r\n"), "{head}");
+        assert!(
+            !head.contains("spoofed") && !head.contains("X-Drop"),
+            "{head}"
+        );
+        assert!(head.contains("X-Forwarded-For: 192.0.2.7\r\n"), "{head}");
+        assert!(head.contains("X-Original: Front.test /p?q\r\n"), "{head}");
+    }
+
+    #[test]
+    fn chunked_bodies_stay_chunked_and_upgrades_keep_their_upgrade() {
+        let req = request("PUT /u HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n");
+        let head = head_for(&req, &RouteSecurity::default(), "/u", false);
+        assert!(
+            head.ends_with("Transfer-Encoding: chunked\r\n\r\n"),
+            "{head}"
+        );
+        let req = request(
+            "GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        );
+        assert!(is_websocket(&req));
+        let head = head_for(&req, &RouteSecurity::default(), "/ws", true);
+        assert!(
+            head.ends_with("Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            "{head}"
+        );
+    }
+
+    #[test]
+    fn only_bodiless_idempotent_requests_are_replayed() {
+        let sec = RouteSecurity::default();
+        let replayable = |raw: &str| {
+            let req = request(raw);
+            let p = Proxied {
+                req: &req,
+                rest: "",
+                sec: &sec,
+                framing: req.check().unwrap(),
+                client_ip: "192.0.2.1".parse().unwrap(),
+                upgrade: false,
+            };
+            p.idempotent()
+        };
+        assert!(replayable("GET / HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert!(replayable("DELETE / HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert!(!replayable("POST / HTTP/1.1\r\nHost: t\r\n\r\n"));
+        assert!(!replayable(
+            "PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn a_failure_says_whose_side_failed_in_its_status() {
+        assert_eq!(Failure::NoServer.status(), Some(503));
+        assert_eq!(Failure::Backend.status(), Some(502));
+        assert_eq!(Failure::Timeout.status(), Some(504));
+        assert_eq!(Failure::Client(BodyError::TooLarge).status(), Some(413));
+        assert_eq!(Failure::Client(BodyError::Timeout).status(), Some(408));
+        assert_eq!(Failure::Client(BodyError::Closed).status(), None);
+    }
+
+    #[test]
+    fn connection_tokens_name_more_hop_by_hop_fields() {
+        let values = [&b" Keep-Alive , X-A"[..], b"", b"x-b,,"];
+        let tokens = connection_tokens(values.into_iter());
+        assert_eq!(tokens, ["keep-alive", "x-a", "x-b"]);
+        assert!(is_hop_by_hop("X-A", &tokens));
+        assert!(is_hop_by_hop("transfer-encoding", &[]));
+        assert!(!is_hop_by_hop("X-C", &tokens));
+        assert_eq!(chunk(b"hello"), b"5\r\nhello\r\n");
+    }
+}

@@ -336,3 +336,73 @@ async fn read_until_close(
         Err(_) => Err(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(raw: &str) -> BackendResponse {
+        match parse(raw.as_bytes()) {
+            Parsed::Head(r, n) => {
+                assert_eq!(n, raw.find("\r\n\r\n").unwrap() + 4);
+                r
+            }
+            _ => panic!("test head does not parse: {raw:?}"),
+        }
+    }
+
+    fn get(method: &str) -> Request {
+        Request {
+            method: method.into(),
+            target: "/".into(),
+            version: 1,
+            headers: vec![],
+        }
+    }
+
+    #[test]
+    fn reads_a_backend_head_and_its_reason() {
+        let r = response("HTTP/1.0 299 Fine Thanks\r\nX-A: 1\r\nX-A: 2\r\n\r\nbody");
+        assert_eq!(
+            (r.status, r.version, r.reason.as_str()),
+            (299, 0, "Fine Thanks")
+        );
+        let values: Vec<&[u8]> = r.headers_named("x-a").collect();
+        assert_eq!(values, [&b"1"[..], b"2"]);
+        assert!(matches!(parse(b"HTTP/1.1 200 OK\r\nX"), Parsed::Partial));
+        assert!(matches!(parse(b"HTTP/9 200 OK\r\n\r\n"), Parsed::Invalid));
+    }
+
+    #[test]
+    fn the_body_is_framed_as_rfc_9112_says() {
+        let kind = |method: &str, raw: &str| body_kind(&get(method), &response(raw));
+        let ok = "HTTP/1.1 200 OK\r\n";
+        assert_eq!(
+            kind("HEAD", &format!("{ok}Content-Length: 5\r\n\r\n")),
+            Ok(BodyKind::None)
+        );
+        assert_eq!(
+            kind("GET", "HTTP/1.1 204 No Content\r\n\r\n"),
+            Ok(BodyKind::None)
+        );
+        assert_eq!(
+            kind("GET", "HTTP/1.1 304 Not Modified\r\n\r\n"),
+            Ok(BodyKind::None)
+        );
+        let length = format!("{ok}Content-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(kind("GET", &length), Ok(BodyKind::Length(5)));
+        let te = format!("{ok}Transfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(kind("GET", &te), Ok(BodyKind::Chunked), "TE wins over CL");
+        let te = format!("{ok}Transfer-Encoding: chunked, gzip\r\n\r\n");
+        assert_eq!(
+            kind("GET", &te),
+            Ok(BodyKind::Close),
+            "not chunked last: until close"
+        );
+        assert_eq!(kind("GET", &format!("{ok}\r\n")), Ok(BodyKind::Close));
+        let two = format!("{ok}Content-Length: 5\r\nContent-Length: 6\r\n\r\n");
+        assert_eq!(kind("GET", &two), Err(()));
+        let signed = format!("{ok}Content-Length: +5\r\n\r\n");
+        assert_eq!(kind("GET", &signed), Err(()));
+    }
+}
