@@ -174,6 +174,28 @@ fn two_hundred_concurrent_downloads_arrive_whole() {
     }
 }
 
+/// `Sun, 06 Nov 1994 08:49:37 GMT` as RFC 850 writes it: `Sunday, 06-Nov-94 08:49:37 GMT`.
+fn rfc850(imf: &str) -> String {
+    let p: Vec<&str> = imf.split(' ').collect();
+    let day = match p[0] {
+        "Mon," => "Monday",
+        "Tue," => "Tuesday",
+        "Wed," => "Wednesday",
+        "Thu," => "Thursday",
+        "Fri," => "Friday",
+        "Sat," => "Saturday",
+        _ => "Sunday",
+    };
+    format!("{day}, {}-{}-{} {} GMT", p[1], p[2], &p[3][2..], p[4])
+}
+
+/// ... and as asctime writes it: `Sun Nov  6 08:49:37 1994`.
+fn asctime(imf: &str) -> String {
+    let p: Vec<&str> = imf.split(' ').collect();
+    let day: u32 = p[1].parse().unwrap();
+    format!("{} {} {day:>2} {} {}", &p[0][..3], p[2], p[4], p[3])
+}
+
 #[test]
 fn range_conditional_and_head_header_by_header() {
     let mut s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\n\n[path_routes.\"t\".\"/\"]\npath = \"{dir}/www\"\n\n[path_routes.\"t\".\"/m\"]\npath = \"{dir}/www\"\nmode = \"memory\"\n");
@@ -271,6 +293,9 @@ fn range_conditional_and_head_header_by_header() {
                 200,
             ),
             ("If-Modified-Since: not a date\r\n".to_string(), 200),
+            // RFC 9110 §5.6.7: the obsolete RFC 850 and asctime forms are dates too.
+            (format!("If-Modified-Since: {}\r\n", rfc850(&modified)), 304),
+            (format!("If-Modified-Since: {}\r\n", asctime(&modified)), 304),
             // If-None-Match wins over If-Modified-Since.
             (
                 format!("If-None-Match: \"other\"\r\nIf-Modified-Since: {modified}\r\n"),
