@@ -295,7 +295,10 @@ fn range_conditional_and_head_header_by_header() {
             ("If-Modified-Since: not a date\r\n".to_string(), 200),
             // RFC 9110 §5.6.7: the obsolete RFC 850 and asctime forms are dates too.
             (format!("If-Modified-Since: {}\r\n", rfc850(&modified)), 304),
-            (format!("If-Modified-Since: {}\r\n", asctime(&modified)), 304),
+            (
+                format!("If-Modified-Since: {}\r\n", asctime(&modified)),
+                304,
+            ),
             // If-None-Match wins over If-Modified-Since.
             (
                 format!("If-None-Match: \"other\"\r\nIf-Modified-Since: {modified}\r\n"),

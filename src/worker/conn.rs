@@ -275,3 +275,116 @@ async fn linger<S: ClientStream>(conn: &mut Client<S>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::config::Config;
+    use crate::worker::timed::Timed;
+    use std::io::{Read, Write};
+
+    /// Answers every request with its normalized path.
+    struct PathEcho;
+
+    impl Service for PathEcho {
+        type Tunnel = ();
+
+        async fn exchange<S: ClientStream>(
+            &self,
+            ctx: &Ctx,
+            client: &mut Client<S>,
+            incoming: Incoming,
+        ) -> Exchange<()> {
+            let body = bytes::Bytes::from(incoming.path.clone());
+            let r = Response::new(http::ResponseHead::new(200), Body::Bytes(body));
+            exchange::answer(ctx, client, incoming, r, None).await
+        }
+
+        async fn tunnel<S: ClientStream>(&self, _: &Ctx, _: Client<S>, _: ()) {}
+    }
+
+    fn ctx() -> Ctx {
+        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
+        let shm = SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"));
+        Ctx::new(&crate::shared::WorkerStart {
+            index: 0,
+            slot: 0,
+            config: std::sync::Arc::new(Config::default()),
+            builtin: false,
+            listeners: Vec::new(),
+            shm: shm.region(),
+            tls: None,
+            identity: None,
+        })
+    }
+
+    /// Serves one connection with `PathEcho`; returns all the client read.
+    fn exchange_bytes(sent: &'static [u8]) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(sent).unwrap();
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ctx = ctx();
+            let listener = monoio::net::TcpListener::from_std(listener).unwrap();
+            let (stream, peer) = listener.accept().await.unwrap();
+            let limits = ctx.client_deadlines();
+            serve(
+                &ctx,
+                &PathEcho,
+                Timed::new(stream, limits.clone()),
+                peer,
+                limits,
+            )
+            .await;
+        });
+        client.join().unwrap()
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_then_a_bad_one_closes() {
+        let got = exchange_bytes(
+            b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /x/../b?q HTTP/1.1\r\nHost: t\r\n\r\nBAD\r\n\r\n",
+        );
+        let a = got.find("\r\n\r\n/a").expect(&got);
+        let b = got.find("\r\n\r\n/b").expect(&got);
+        assert!(a < b, "{got}");
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 2, "{got}");
+        assert!(got.contains("HTTP/1.1 400 Bad Request"), "{got}");
+        assert!(
+            got.ends_with("400 Bad Request\n"),
+            "closed after the 400: {got}"
+        );
+    }
+
+    #[test]
+    fn protocol_errors_are_answered_before_the_service_sees_them() {
+        let got = exchange_bytes(b"GET /%2e%2e/x HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+        let got = exchange_bytes(b"GET / HTTP/1.1\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 400"), "no Host: {got}");
+        let got = exchange_bytes(b"OPTIONS * HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        assert!(got.starts_with("HTTP/1.1 204"), "{got}");
+        assert!(
+            !got.contains("\r\n\r\n/"),
+            "the service did not answer: {got}"
+        );
+    }
+
+    #[test]
+    fn an_http_1_0_request_closes_after_its_answer() {
+        let got = exchange_bytes(b"GET /one HTTP/1.0\r\n\r\nGET /two HTTP/1.0\r\n\r\n");
+        assert!(got.ends_with("\r\n\r\n/one"), "{got}");
+        assert!(got.contains("Connection: close"), "{got}");
+    }
+}
