@@ -25,10 +25,10 @@ pub fn run(start: WorkerStart) -> ! {
         Ok(()) => 0,
         Err(e) => {
             log::error!("{e}");
-            crate::worker::EXIT_STARTUP_FAILED
+            shared::child::EXIT_STARTUP_FAILED
         }
     };
-    crate::worker::exit(code)
+    shared::child::exit(code)
 }
 
 fn serve(start: WorkerStart) -> Result<(), String> {
@@ -40,7 +40,7 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     let config = start.config.clone();
     let log_output = shared::log::open_output(&config.logging)
         .map_err(|e| format!("cannot open the log file: {e}"))?;
-    crate::worker::drop_privileges(&start)?;
+    shared::child::drop_privileges(&start)?;
     shared::log::start_async(&config.logging, log_output)?;
     let signals = crate::worker::signals::install()
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;

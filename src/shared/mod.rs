@@ -1,6 +1,7 @@
 //! What the master and the workers both use: the config schema and its validation, the
 //! shared-memory layout, metric rendering, logging, and the hand-over from master to worker.
 
+pub mod child;
 pub mod config;
 pub mod log;
 pub mod metrics;

@@ -16,6 +16,7 @@ mod server;
 pub(crate) mod signals;
 mod timed;
 
+use crate::shared::child::{drop_privileges, exit, EXIT_STARTUP_FAILED};
 use crate::shared::config::Config;
 use crate::shared::{self, WorkerStart};
 use monoio::{FusionDriver, RuntimeBuilder};
@@ -24,7 +25,6 @@ use std::rc::Rc;
 /// io_uring submission-queue entries: ring memory counts against a small memlock budget
 /// shared by every process of the user, so rings stay modest.
 const RING_ENTRIES: u32 = 256;
-pub(crate) const EXIT_STARTUP_FAILED: i32 = 2;
 
 /// The worker entry point (`shared::WorkerMain`), called in the child right after fork.
 pub fn run(start: WorkerStart) -> ! {
@@ -36,11 +36,6 @@ pub fn run(start: WorkerStart) -> ! {
             exit(EXIT_STARTUP_FAILED)
         }
     }
-}
-
-pub(crate) fn exit(code: i32) -> ! {
-    log::logger().flush();
-    std::process::exit(code)
 }
 
 fn serve(start: WorkerStart) -> Result<(), String> {
@@ -113,23 +108,6 @@ fn pin_to_core(core: usize) {
             log::warn!("cannot pin to core {core}: {e}");
         }
     }
-}
-
-/// Switches to the worker identity for good, then forbids gaining privileges again (no
-/// set-uid or file-capability exec can raise them).
-pub(crate) fn drop_privileges(start: &WorkerStart) -> Result<(), String> {
-    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
-    if let Some((uid, gid)) = start.identity {
-        let gid = Gid::from_raw(gid);
-        setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
-        setgid(gid).map_err(|e| format!("setgid({gid}): {e}"))?;
-        setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid({uid}): {e}"))?;
-        if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
-            return Err(format!("still able to become root after setuid({uid})"));
-        }
-    }
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("prctl(PR_SET_NO_NEW_PRIVS): {e}"))?;
-    Ok(())
 }
 
 /// Keys whose behaviour is not built yet are validated; say so once, from worker 0.

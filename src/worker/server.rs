@@ -9,6 +9,7 @@ use super::conn;
 use super::ctx::Ctx;
 use super::dispatch::Dispatch;
 use super::timed::{Deadlines, Limit, Timed};
+use crate::shared::child::{exit, EXIT_STARTUP_FAILED};
 use crate::shared::shm::STATE_SERVING;
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, UnixStream};
@@ -40,7 +41,7 @@ pub async fn run(
             }
             Err(e) => {
                 log::error!("cannot register a listener: {e}");
-                super::exit(super::EXIT_STARTUP_FAILED);
+                exit(EXIT_STARTUP_FAILED);
             }
         }
     }
@@ -48,7 +49,7 @@ pub async fn run(
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot register the signal socket: {e}");
-            super::exit(super::EXIT_STARTUP_FAILED);
+            exit(EXIT_STARTUP_FAILED);
         }
     };
     monoio::spawn(sweep_backend_pool(dispatch.clone()));
@@ -83,7 +84,7 @@ pub async fn run(
             // process); a second one while draining, or the master's fast stop, exits now.
             if i32::from(sig) != libc::SIGQUIT && accepting.is_none() {
                 log::info!("fast shutdown");
-                super::exit(0);
+                exit(0);
             }
             if let Some(tasks) = accepting.take() {
                 ctx.start_draining();
@@ -107,12 +108,12 @@ async fn drain_then_exit(ctx: Rc<Ctx>, accepting: Vec<monoio::task::JoinHandle<(
                 "shutdown_timeout_secs passed: closing {} connections",
                 ctx.connections.get()
             );
-            super::exit(0);
+            exit(0);
         }
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     log::info!("drained, exiting");
-    super::exit(0);
+    exit(0);
 }
 
 async fn accept_loop(
