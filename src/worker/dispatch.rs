@@ -57,7 +57,7 @@ impl Service for Dispatch {
         let refused =
             m.route
                 .access
-                .refuse(&incoming.req.method, client.ip(), ctx.region, unix_now());
+                .refuse(&incoming.req.method, client.ip(), ctx.region, unix_now);
         if let Some(r) = refused {
             return exchange::answer(ctx, client, incoming, r, Some(sec)).await;
         }

@@ -56,8 +56,15 @@ impl Access {
         }
     }
 
-    /// `None`: allowed. `now`: seconds since the epoch, the rate limit's clock.
-    pub fn refuse(&self, method: &str, ip: IpAddr, region: &Region, now: u64) -> Option<Response> {
+    /// `None`: allowed. `now`: seconds since the epoch, the rate limit's clock (read only
+    /// for a route with a rate limit).
+    pub fn refuse(
+        &self,
+        method: &str,
+        ip: IpAddr,
+        region: &Region,
+        now: impl FnOnce() -> u64,
+    ) -> Option<Response> {
         if self.denied.contains(ip) || !self.allowed.allows(ip) {
             return Some(Response::error(403));
         }
@@ -66,10 +73,13 @@ impl Access {
             r.head.set("Allow", self.methods.join(", "));
             return Some(r);
         }
-        if self.rate_per_min > 0
-            && !region
-                .header
-                .rate_admit(rate_key(&self.key, ip), now, self.rate_per_min)
+        if self.rate_per_min == 0 {
+            return None;
+        }
+        let now = now();
+        if !region
+            .header
+            .rate_admit(rate_key(&self.key, ip), now, self.rate_per_min)
         {
             let mut r = Response::error(429);
             r.head.set("Retry-After", (60 - now % 60).to_string());
@@ -137,19 +147,19 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let now = unix_now();
         assert_eq!(
-            status(access.refuse("GET", ip("10.1.2.3"), region(), now)),
+            status(access.refuse("GET", ip("10.1.2.3"), region(), || now)),
             None
         );
         assert_eq!(
-            status(access.refuse("GET", ip("10.0.0.66"), region(), now)),
+            status(access.refuse("GET", ip("10.0.0.66"), region(), || now)),
             Some(403)
         );
         assert_eq!(
-            status(access.refuse("GET", ip("192.0.2.1"), region(), now)),
+            status(access.refuse("GET", ip("192.0.2.1"), region(), || now)),
             Some(403)
         );
         let r = access
-            .refuse("POST", ip("10.1.2.3"), region(), now)
+            .refuse("POST", ip("10.1.2.3"), region(), || now)
             .unwrap();
         assert_eq!(r.status(), 405);
         let allow = r.head.headers.iter().find(|(n, _)| n == "Allow");
@@ -167,13 +177,13 @@ mod tests {
         // The start of a minute, so that the window does not roll over mid-test.
         let now = unix_now() / 60 * 60 + 10;
         for _ in 0..3 {
-            assert_eq!(status(access.refuse("GET", ip, region(), now)), None);
+            assert_eq!(status(access.refuse("GET", ip, region(), || now)), None);
         }
-        let r = access.refuse("GET", ip, region(), now).unwrap();
+        let r = access.refuse("GET", ip, region(), || now).unwrap();
         assert_eq!(r.status(), 429);
         let retry = r.head.headers.iter().find(|(n, _)| n == "Retry-After");
         assert_eq!(retry.map(|(_, v)| v.as_slice()), Some(&b"50"[..]));
         let other: IpAddr = "198.51.100.10".parse().unwrap();
-        assert_eq!(status(access.refuse("GET", other, region(), now)), None);
+        assert_eq!(status(access.refuse("GET", other, region(), || now)), None);
     }
 }
