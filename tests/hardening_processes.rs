@@ -152,15 +152,7 @@ fn dash_s_stop_is_fast() {
     let mut s = start_with_big_file();
     let download = slow_download(&s, BIG, Duration::from_millis(50));
     thread::sleep(Duration::from_millis(300));
-    let out = std::process::Command::new(BIN)
-        .args(["-c", s.config_path.to_str().unwrap(), "-s", "stop"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.dash_s("stop");
     assert_eq!(s.wait_exit(Duration::from_secs(5)), Some(0), "{}", s.log());
     assert_fast_exits(&s);
     assert!(download.join().unwrap().len() < BIG, "the download was cut");

@@ -114,15 +114,7 @@ fn usr2_winch_quit_hands_over_without_losing_a_request() {
 
     // The new master answers to -s through the pid file, and stops cleanly.
     let new_workers = children_of(new);
-    let out = std::process::Command::new(BIN)
-        .args(["-c", s.config_path.to_str().unwrap(), "-s", "stop"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.dash_s("stop");
     assert!(wait_until(Duration::from_secs(10), || !alive(new)
         && new_workers.iter().all(|p| !alive(*p))));
 }

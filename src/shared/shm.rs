@@ -523,6 +523,13 @@ pub fn split_key(key: u64) -> (u8, u16, u16) {
     )
 }
 
+/// One region for a test process, shared by every unit test that needs one.
+#[cfg(test)]
+pub fn test_region() -> &'static Region {
+    static SHM: std::sync::OnceLock<Shm> = std::sync::OnceLock::new();
+    SHM.get_or_init(|| Shm::create().expect("memfd")).region()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

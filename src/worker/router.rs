@@ -178,11 +178,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn region() -> &'static Region {
-        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
-        SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"))
-            .region()
-    }
+    use crate::shared::shm::test_region as region;
 
     fn redirect(to: &str) -> Route {
         Route {
@@ -274,11 +270,7 @@ mod props {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
-    fn region() -> &'static Region {
-        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
-        SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"))
-            .region()
-    }
+    use crate::shared::shm::test_region as region;
 
     fn segment() -> impl Strategy<Value = String> {
         prop_oneof![

@@ -566,6 +566,20 @@ impl Drop for Reap {
 }
 
 impl Server {
+    /// `zerocopy-server -c CONFIG -s ACTION` (signals the master through the pid file); fails
+    /// the test unless it succeeds.
+    pub fn dash_s(&self, action: &str) {
+        let out = std::process::Command::new(BIN)
+            .args(["-c", self.config_path.to_str().unwrap(), "-s", action])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "-s {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// USR2 to this master; waits until the new master has written the pid file and its
     /// `workers` workers run. Returns the new master, killed when the `Reap` is dropped.
     pub fn upgrade(&self, pid_file: &Path, workers: usize) -> Reap {

@@ -116,11 +116,7 @@ mod tests {
         rate_key(route, ip.parse::<IpAddr>().unwrap())
     }
 
-    fn region() -> &'static Region {
-        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
-        SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"))
-            .region()
-    }
+    use crate::shared::shm::test_region as region;
 
     fn status(r: Option<Response>) -> Option<u16> {
         r.map(|r| r.status())

@@ -63,11 +63,7 @@ fn upstream_labels(c: &Config, region: &Region) -> Vec<UpstreamServerLabel> {
 mod tests {
     use super::*;
 
-    fn region() -> &'static Region {
-        static SHM: std::sync::OnceLock<crate::shared::shm::Shm> = std::sync::OnceLock::new();
-        SHM.get_or_init(|| crate::shared::shm::Shm::create().expect("memfd"))
-            .region()
-    }
+    use crate::shared::shm::test_region as region;
 
     #[test]
     fn answers_only_its_path_and_only_to_allowed_addresses() {
