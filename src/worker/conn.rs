@@ -189,9 +189,19 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>, fresh: bool
 /// a head buffer. `false`: nothing came in time, or the connection failed.
 async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>) -> bool {
     if let Some(tcp) = conn.stream.plain() {
-        // Boxed: its timer is cache-line aligned and large, and only idle connections wait
-        // here; inline it would widen every connection's task.
-        if Box::pin(tcp.readable()).await.is_err() {
+        // The deadline is kept by the worker's idle queue, not by a timer of its own.
+        let deadline = match conn.limits.read() {
+            Limit::By(at) => at,
+            Limit::Each(d) => Instant::now() + d,
+            Limit::None => Instant::now() + ctx.keepalive,
+        };
+        let parked = ctx.idle.park(deadline);
+        let readable = tcp.tcp().readable(false);
+        let woken = monoio::select! {
+            r = readable => r.is_ok(),
+            _ = parked => false,
+        };
+        if !woken {
             return false;
         }
     }

@@ -40,6 +40,8 @@ pub struct Ctx {
     bodies: BufPool,
     /// Reusable buffers for request heads, held only while a request is read and answered.
     heads: BufPool,
+    /// Deadlines of the connections that wait for their next request without a buffer.
+    pub idle: super::idle::IdleQueue,
 }
 
 pub const BODY_BUF: usize = 64 * 1024;
@@ -65,6 +67,7 @@ impl Ctx {
             head_timeout: Duration::from_secs(server.client_header_timeout_secs),
             bodies: BufPool::new(BODY_BUF, BODIES_MAX),
             heads: BufPool::new(HEAD_BUF, HEADS_MAX),
+            idle: Default::default(),
             shutdown_timeout: Duration::from_secs(server.shutdown_timeout_secs),
             default_security: RouteSecurity::default(),
             max_connections: start.config.security.max_concurrent_connections as i64,

@@ -8,6 +8,7 @@ mod dispatch;
 mod exchange;
 mod handlers;
 mod http;
+mod idle;
 mod ktls;
 pub(crate) mod proxy;
 mod recorder;

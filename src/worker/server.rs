@@ -53,6 +53,7 @@ pub async fn run(
         }
     };
     monoio::spawn(sweep_backend_pool(dispatch.clone()));
+    monoio::spawn(sweep_idle(ctx.clone()));
     ctx.slot.state.store(STATE_SERVING, Release);
     log::info!(
         "serving (pid {}, generation {})",
@@ -206,6 +207,14 @@ async fn refuse(ctx: &Ctx, mut stream: Timed, tls: bool) {
 }
 
 /// Closes idle backend connections past their timeout, or closed by their backend.
+/// Closes the idle connections whose wait for a request is over (see `idle`).
+async fn sweep_idle(ctx: Rc<Ctx>) {
+    loop {
+        monoio::time::sleep(super::idle::SWEEP).await;
+        ctx.idle.sweep(std::time::Instant::now());
+    }
+}
+
 async fn sweep_backend_pool(dispatch: Rc<Dispatch>) {
     loop {
         monoio::time::sleep(Duration::from_secs(5)).await;

@@ -110,18 +110,6 @@ impl Timed {
     pub fn limits(&self) -> &Rc<Deadlines> {
         &self.limits
     }
-
-    /// Waits until the socket has bytes to read (or is closed), within the read deadline,
-    /// without lending a buffer to the kernel meanwhile.
-    pub async fn readable(&self) -> std::io::Result<()> {
-        let wait = self.tcp.readable(false);
-        match self.limits.read().deadline() {
-            None => wait.await,
-            Some(at) => monoio::time::timeout_at(at.into(), wait)
-                .await
-                .unwrap_or_else(|_| Err(timed_out())),
-        }
-    }
 }
 
 /// Runs `op` (made with a handle of `canceller`) until `limit` passes, then cancels it and
