@@ -190,11 +190,11 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>, fresh: bool
 async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>) -> bool {
     if let Some(tcp) = conn.stream.plain() {
         // The deadline is kept by the worker's idle queue, not by a timer of its own.
-        let deadline = match conn.limits.read() {
-            Limit::By(at) => at,
-            Limit::Each(d) => Instant::now() + d,
-            Limit::None => Instant::now() + ctx.keepalive,
-        };
+        let deadline = conn
+            .limits
+            .read()
+            .deadline()
+            .unwrap_or_else(|| Instant::now() + ctx.keepalive);
         let parked = ctx.idle.park(deadline);
         let readable = tcp.tcp().readable(false);
         let woken = monoio::select! {

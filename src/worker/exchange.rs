@@ -29,6 +29,15 @@ pub struct Client<S> {
 }
 
 impl<S> Client<S> {
+    /// A reader for the request body, with the route's body limits: the socket's reads get
+    /// `client_body_timeout_secs`, a chunked body `max_chunked_body_size`.
+    pub fn body_reader(&self, framing: Framing, sec: &RouteSecurity) -> BodyReader {
+        self.limits.set_read(Limit::Each(Duration::from_secs(
+            sec.client_body_timeout_secs,
+        )));
+        BodyReader::new(framing, sec.max_chunked_body_size)
+    }
+
     /// The client's address, an IPv4-mapped IPv6 address as the IPv4 address it is: what
     /// access lists, balancing and rate limits compare.
     pub fn ip(&self) -> IpAddr {
@@ -145,11 +154,7 @@ pub async fn answer<S: ClientStream, T>(
     if req.expects_continue() && respond::send_continue(&mut client.stream).await.is_err() {
         return Exchange::Close;
     }
-    let limits = sec.unwrap_or(&ctx.default_security);
-    client.limits.set_read(Limit::Each(Duration::from_secs(
-        limits.client_body_timeout_secs,
-    )));
-    let mut reader = BodyReader::new(framing, limits.max_chunked_body_size);
+    let mut reader = client.body_reader(framing, sec.unwrap_or(&ctx.default_security));
     let mut scratch = ctx.take_buf();
     let result = body::discard(
         &mut reader,

@@ -36,7 +36,8 @@ pub enum Limit {
 }
 
 impl Limit {
-    fn deadline(self) -> Option<Instant> {
+    /// When an operation started now must be done; `None` for no deadline.
+    pub fn deadline(self) -> Option<Instant> {
         match self {
             Limit::None => None,
             Limit::Each(d) => Some(Instant::now() + d),

@@ -3,11 +3,10 @@
 
 use super::client::ClientStream;
 use super::{self as http, ResponseHead};
-use crate::worker::timed::{timed_out, Limit, Timed};
+use crate::worker::timed::{timed_out, Timed};
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 use std::os::fd::AsRawFd;
-use std::time::Instant;
 
 /// Bodies up to this size go out in the same write as the head.
 const INLINE_BODY: usize = 16 * 1024;
@@ -221,10 +220,8 @@ mod zero_copy {
     /// Waits for room within the socket's write deadline, as its writes do.
     async fn wait_writable(stream: &Timed) -> std::io::Result<()> {
         let wait = stream.tcp().writable(false);
-        let at = match stream.limits().write() {
-            Limit::None => return wait.await,
-            Limit::Each(d) => Instant::now() + d,
-            Limit::By(at) => at,
+        let Some(at) = stream.limits().write().deadline() else {
+            return wait.await;
         };
         match monoio::time::timeout_at(at.into(), wait).await {
             Ok(r) => r,

@@ -16,7 +16,7 @@ pub mod upstream;
 
 use super::ctx::Ctx;
 use super::exchange::{self, Client, Exchange, Incoming, Meta};
-use super::http::body::{BodyError, BodyReader};
+use super::http::body::BodyError;
 use super::http::client::ClientStream;
 use super::http::respond;
 use super::http::{self, Framing, Request};
@@ -413,10 +413,7 @@ async fn send_request<S: ClientStream>(
     if p.req.expects_continue() && respond::send_continue(&mut client.stream).await.is_err() {
         return Err(Failure::Client(BodyError::Closed));
     }
-    client.limits.set_read(Limit::Each(Duration::from_secs(
-        p.sec.client_body_timeout_secs,
-    )));
-    let mut reader = BodyReader::new(framing, p.sec.max_chunked_body_size);
+    let mut reader = client.body_reader(framing, p.sec);
     let mut piece = ctx.take_buf();
     let mut sent = 0u64;
     let result = loop {
