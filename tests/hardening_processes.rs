@@ -110,17 +110,27 @@ fn sigterm_lets_a_slow_download_finish_then_the_master_exits() {
 
 #[test]
 fn a_second_signal_during_the_drain_stops_at_once() {
+    // Ctrl+C first: graceful, the download goes on; then TERM.
+    second_signal_stops_at_once(libc::SIGINT);
+}
+
+#[test]
+fn a_second_sigterm_during_the_drain_stops_at_once() {
+    second_signal_stops_at_once(libc::SIGTERM);
+}
+
+/// `first` drains (the download goes on); a TERM sent after it stops at once.
+fn second_signal_stops_at_once(first: i32) {
     let mut s = start_with_big_file();
     let workers = s.workers();
-    // Ctrl+C first: graceful, the download goes on.
     let download = slow_download(&s, BIG, Duration::from_millis(50));
     thread::sleep(Duration::from_millis(300));
-    s.signal(libc::SIGINT);
+    s.signal(first);
     assert!(wait_until(Duration::from_secs(3), || s
         .log()
         .contains("graceful shutdown")));
     thread::sleep(Duration::from_millis(500));
-    assert!(alive(s.pid()), "INT drains");
+    assert!(alive(s.pid()), "the first signal drains");
     // Then TERM: workers and master go now, well before shutdown_timeout_secs.
     let sent = Instant::now();
     s.signal(libc::SIGTERM);
