@@ -150,3 +150,80 @@ fn obs_text_header_values_pass_byte_exact_both_ways() {
         String::from_utf8_lossy(&heads[0])
     );
 }
+
+/// A backend that sends `first` at once, then `later` after `pause`, on every connection.
+fn slow_backend(first: &'static [u8], later: &'static [u8], pause: Duration) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let _ = stream.write_all(first);
+                thread::sleep(pause);
+                let _ = stream.write_all(later);
+            });
+        }
+    });
+    port
+}
+
+/// Reads until `want` has arrived; `None` if it did not within `within`.
+fn read_until(c: &mut TcpStream, got: &mut Vec<u8>, want: &[u8], within: Duration) -> Option<()> {
+    c.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    while !find(got, want) {
+        match c.read(&mut buf) {
+            Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+#[test]
+fn a_head_and_the_body_bytes_with_it_reach_the_client_before_the_rest_of_a_slow_body() {
+    let pause = Duration::from_secs(3);
+    let cases: [(&[u8], &[u8]); 2] = [
+        // The body's first bytes come with the head: both go on at once, in one write.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Case: early\r\n\r\nearly",
+            b"later",
+        ),
+        // The head alone: it goes on at once, not held back until the body comes.
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Case: bare\r\n\r\n",
+            b"5\r\nlater\r\n0\r\n\r\n",
+        ),
+    ];
+    for (first, later) in cases {
+        let s = proxy_to(slow_backend(first, later, pause));
+        let mut c = TcpStream::connect(s.addr()).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let early = if find(first, b"early") {
+            &b"\r\n\r\nearly"[..]
+        } else {
+            b"\r\n\r\n"
+        };
+        assert!(
+            read_until(&mut c, &mut got, early, Duration::from_secs(2)).is_some(),
+            "what the backend sent at once was held back: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(!find(&got, b"later"), "{:?}", String::from_utf8_lossy(&got));
+        assert!(
+            read_until(&mut c, &mut got, b"later", Duration::from_secs(10)).is_some(),
+            "the rest of the body never came: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}

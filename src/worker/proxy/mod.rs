@@ -450,10 +450,16 @@ async fn send_request<S: ClientStream>(
 /// One chunk of chunked transfer coding around `data`.
 pub fn chunk(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 16);
-    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    chunk_into(&mut out, data);
+    out
+}
+
+/// Appends one chunk around `data` to `out`.
+pub fn chunk_into(out: &mut Vec<u8>, data: &[u8]) {
+    use std::io::Write;
+    let _ = write!(out, "{:x}\r\n", data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// The request head as the backend gets it. Header values go as they came: obs-text bytes

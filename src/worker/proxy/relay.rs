@@ -4,7 +4,7 @@
 //! HTTP/1.1 client); an HTTP/1.0 client gets it close-delimited.
 
 use super::backend::BackendConn;
-use super::{chunk, connection_tokens, is_hop_by_hop, Failure};
+use super::{chunk, chunk_into, connection_tokens, is_hop_by_hop, Failure};
 use crate::shared::config::RouteSecurity;
 use crate::worker::ctx::Ctx;
 use crate::worker::exchange::{apply_route_headers, Client};
@@ -236,12 +236,18 @@ pub async fn relay<S: ClientStream>(
     } else if req.version == 0 {
         head.set("Connection", "keep-alive");
     }
-    let (res, _) = conn.stream.write_all(head.encode()).await;
-    if res.is_err() {
-        return Ok(outcome);
+    let mut head = Some(head.encode());
+    // The body's first bytes came with the backend's head: they leave with the client's head,
+    // in one write (one segment for a small response, as nginx sends it). Otherwise the head
+    // goes at once: a backend that streams slowly must not hold it back.
+    if kind == BodyKind::None || r.rest.is_empty() {
+        let (res, _) = conn.stream.write_all(head.take().unwrap_or_default()).await;
+        if res.is_err() {
+            return Ok(outcome);
+        }
     }
 
-    let copied = copy_body(ctx, conn, bconn, &mut r.rest, kind, rechunk).await;
+    let copied = copy_body(ctx, conn, bconn, &mut r.rest, kind, rechunk, head).await;
     match copied {
         Ok(n) => {
             outcome.response_bytes = n;
@@ -256,6 +262,7 @@ pub async fn relay<S: ClientStream>(
 
 /// Streams the body; `Err(bytes so far)` when either side failed, in which case the client
 /// connection is closed without completing the body, so the client sees it cut short.
+/// `head`: the response head not sent yet, to go out in front of the first piece.
 async fn copy_body<S: ClientStream>(
     ctx: &Ctx,
     conn: &mut Client<S>,
@@ -263,6 +270,7 @@ async fn copy_body<S: ClientStream>(
     rest: &mut Vec<u8>,
     kind: BodyKind,
     rechunk: bool,
+    mut head: Option<Vec<u8>>,
 ) -> Result<u64, u64> {
     let framing = match kind {
         BodyKind::None => return Ok(0),
@@ -288,6 +296,14 @@ async fn copy_body<S: ClientStream>(
             Err(()) => break Err(()),
         }
         total += piece.len() as u64;
+        if let Some(mut first) = head.take() {
+            framed(&mut first, &piece, rechunk);
+            let (res, _) = conn.stream.write_all(first).await;
+            if res.is_err() {
+                break Err(());
+            }
+            continue;
+        }
         let out = if rechunk {
             chunk(&piece)
         } else {
@@ -310,6 +326,15 @@ async fn copy_body<S: ClientStream>(
         res.map_err(|_| total)?;
     }
     Ok(total)
+}
+
+/// Appends `piece` to `out`, as one chunk if `rechunk`.
+fn framed(out: &mut Vec<u8>, piece: &[u8], rechunk: bool) {
+    if rechunk {
+        chunk_into(out, piece);
+    } else {
+        out.extend_from_slice(piece);
+    }
 }
 
 /// A close-delimited body: what is buffered, then reads until EOF. `Ok(false)` at EOF.
