@@ -3,14 +3,15 @@
 //! one after the other, so pipelined requests are answered in order. What a request is
 //! answered with (routes, handlers, the proxy) is the service's business, behind `Service`.
 
-use super::ctx::{Ctx, HEAD_BUF};
+use super::ctx::{Ctx, Open, HEAD_BUF};
 use super::exchange::{self, Client, Exchange, Incoming, Meta};
 use super::http::client::ClientStream;
 use super::http::respond::{Body, Response};
 use super::http::{self, Parse, Request};
-use super::timed::{self, Deadlines, Limit};
+use super::timed::{self, Limit};
 use monoio::buf::IoBufMut;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -51,50 +52,54 @@ enum Head {
     Error(u16),
 }
 
-pub async fn serve<S: ClientStream, H: Service>(
-    ctx: &Ctx,
-    service: &H,
-    stream: S,
-    peer: SocketAddr,
-    limits: Rc<Deadlines>,
-) {
-    let mut conn = Client {
-        stream,
-        linger: false,
-        buf: Vec::new(),
-        peer,
-        limits,
-    };
-    let mut fresh = true;
-    loop {
-        let head = read_head(ctx, &mut conn, fresh).await;
-        fresh = false;
-        // The exchange, the error answer and the tunnel are boxed: their states are large,
-        // and inline they would make every idle connection's task as large as the largest.
-        let next = match head {
-            Head::Request(arrived) => Box::pin(exchange(ctx, service, &mut conn, arrived)).await,
-            Head::Close => Exchange::Close,
-            Head::Error(status) => {
-                let meta = Meta::unparsed(Instant::now());
-                Box::pin(exchange::fail(ctx, &mut conn, status, None, meta)).await
+/// Serves one client connection to its end. A plain function returning the task itself:
+/// what it takes is moved into the task once (an `async fn`, and a wrapper around it, would
+/// keep a second copy of its arguments), since every idle connection costs its task's size.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<S: ClientStream, H: Service + 'static>(
+    open: Open,
+    service: Rc<H>,
+    mut conn: Client<S>,
+) -> impl Future<Output = ()> + 'static {
+    async move {
+        let ctx: &Ctx = &open;
+        let mut fresh = true;
+        let tunnel = loop {
+            // The exchange, the error answer and the tunnel are boxed: their states are large,
+            // and inline they would make every idle connection's task as large as the largest.
+            // The head is turned into its answer's future before anything is awaited, so it
+            // is not kept in the task beside the read state.
+            let answer: Pin<Box<dyn Future<Output = Exchange<H::Tunnel>> + '_>> =
+                match read_head(ctx, &mut conn, fresh).await {
+                    Head::Request(arrived) => {
+                        Box::pin(exchange(ctx, &*service, &mut conn, arrived))
+                    }
+                    Head::Close => Box::pin(std::future::ready(Exchange::Close)),
+                    Head::Error(status) => {
+                        let meta = Meta::unparsed(Instant::now());
+                        Box::pin(exchange::fail(ctx, &mut conn, status, None, meta))
+                    }
+                };
+            let next = answer.await;
+            fresh = false;
+            match next {
+                Exchange::KeepAlive => {}
+                Exchange::Tunnel(t) => break Some(Box::new(t)),
+                Exchange::Close => break None,
+            }
+            // Between requests the connection holds no buffer (bytes of a pipelined request
+            // excepted): an idle connection costs its task and its socket only.
+            if conn.buf.is_empty() {
+                ctx.give_head(std::mem::take(&mut conn.buf));
             }
         };
-        match next {
-            Exchange::KeepAlive => {}
-            Exchange::Tunnel(t) => return Box::pin(service.tunnel(ctx, conn, t)).await,
-            Exchange::Close => {
-                if conn.linger {
-                    Box::pin(linger(&mut conn)).await;
-                }
-                ctx.give_head(std::mem::take(&mut conn.buf));
-                return;
-            }
+        if let Some(t) = tunnel {
+            return Box::pin(service.tunnel(ctx, conn, *t)).await;
         }
-        // Between requests the connection holds no buffer (bytes of a pipelined request
-        // excepted): an idle connection costs its task and its socket only.
-        if conn.buf.is_empty() {
-            ctx.give_head(std::mem::take(&mut conn.buf));
+        if conn.linger {
+            Box::pin(linger(&mut conn)).await;
         }
+        ctx.give_head(std::mem::take(&mut conn.buf));
     }
 }
 
@@ -345,18 +350,12 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let ctx = ctx();
+            let (open, _) = Open::new(Rc::new(ctx()));
             let listener = monoio::net::TcpListener::from_std(listener).unwrap();
             let (stream, peer) = listener.accept().await.unwrap();
-            let limits = ctx.client_deadlines();
-            serve(
-                &ctx,
-                &PathEcho,
-                Timed::new(stream, limits.clone()),
-                peer,
-                limits,
-            )
-            .await;
+            let limits = open.client_deadlines();
+            let client = Client::new(Timed::new(stream, limits.clone()), peer, limits);
+            serve(open, Rc::new(PathEcho), client).await;
         });
         client.join().unwrap()
     }

@@ -10,7 +10,7 @@ use crate::shared::WorkerStart;
 use monoio::io::{CancelHandle, Canceller};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Release;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 use std::time::{Duration, Instant};
 
 pub struct Ctx {
@@ -42,6 +42,39 @@ pub struct Ctx {
     heads: BufPool,
     /// Deadlines of the connections that wait for their next request without a buffer.
     pub idle: super::idle::IdleQueue,
+}
+
+/// One open client connection: counted in the worker (for the drain) and in shared memory
+/// (for `max_concurrent_connections` and the metrics) from its accept until it is dropped.
+pub struct Open {
+    ctx: Rc<Ctx>,
+}
+
+impl Open {
+    /// Counts a new connection; returns it and the number open in all workers with it.
+    pub fn new(ctx: Rc<Ctx>) -> (Open, i64) {
+        ctx.connections.set(ctx.connections.get() + 1);
+        ctx.slot.connections.fetch_add(1, Relaxed);
+        let total = ctx.region.header.connections.fetch_add(1, Relaxed) + 1;
+        (Open { ctx }, total)
+    }
+}
+
+impl std::ops::Deref for Open {
+    type Target = Ctx;
+
+    fn deref(&self) -> &Ctx {
+        &self.ctx
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let ctx = &self.ctx;
+        ctx.connections.set(ctx.connections.get() - 1);
+        ctx.slot.connections.fetch_sub(1, Relaxed);
+        ctx.region.header.connections.fetch_sub(1, Relaxed);
+    }
 }
 
 pub const BODY_BUF: usize = 64 * 1024;

@@ -29,6 +29,16 @@ pub struct Client<S> {
 }
 
 impl<S> Client<S> {
+    pub fn new(stream: S, peer: SocketAddr, limits: Rc<Deadlines>) -> Client<S> {
+        Client {
+            stream,
+            linger: false,
+            buf: Vec::new(),
+            peer,
+            limits,
+        }
+    }
+
     /// A reader for the request body, with the route's body limits: the socket's reads get
     /// `client_body_timeout_secs`, a chunked body `max_chunked_body_size`.
     pub fn body_reader(&self, framing: Framing, sec: &RouteSecurity) -> BodyReader {

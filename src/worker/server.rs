@@ -6,9 +6,10 @@
 //! exits when none is left, or when `shutdown_timeout_secs` have passed.
 
 use super::conn;
-use super::ctx::Ctx;
+use super::ctx::{Ctx, Open};
 use super::dispatch::Dispatch;
-use super::timed::{Deadlines, Limit, Timed};
+use super::exchange::Client;
+use super::timed::{Limit, Timed};
 use crate::shared::child::{exit, EXIT_STARTUP_FAILED};
 use crate::shared::shm::STATE_SERVING;
 use monoio::io::AsyncReadRent;
@@ -131,30 +132,24 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let limits = ctx.client_deadlines();
-                ctx.connections.set(ctx.connections.get() + 1);
-                ctx.slot.connections.fetch_add(1, Relaxed);
-                let total = ctx.region.header.connections.fetch_add(1, Relaxed) + 1;
+                let (open, total) = Open::new(ctx.clone());
                 let over = ctx.max_connections > 0 && total > ctx.max_connections;
-                let ctx = ctx.clone();
-                let dispatch = dispatch.clone();
-                let tls = tls.clone();
-                monoio::spawn(async move {
-                    let stream = Timed::new(stream, limits.clone());
-                    // Only the plain connection is inline: this task lives as long as the
-                    // connection, idle or not, and is as large as its largest branch.
-                    match tls {
-                        _ if over => Box::pin(refuse(&ctx, stream, tls.is_some())).await,
-                        None => conn::serve(&ctx, &*dispatch, stream, peer, limits).await,
-                        Some((_, true)) => drop(stream),
-                        Some((acceptor, false)) => {
-                            let tls = serve_tls(&ctx, &dispatch, acceptor, stream, peer, limits);
-                            Box::pin(tls).await
-                        }
+                let stream = Timed::new(stream, limits.clone());
+                // One task a connection, spawned as it is (not wrapped): the plain one lives
+                // as long as the connection, idle or not, and its size is paid for each.
+                match &tls {
+                    _ if over => drop(monoio::spawn(refuse(open, stream, tls.is_some()))),
+                    None => {
+                        let client = Client::new(stream, peer, limits);
+                        drop(monoio::spawn(conn::serve(open, dispatch.clone(), client)));
                     }
-                    ctx.connections.set(ctx.connections.get() - 1);
-                    ctx.slot.connections.fetch_sub(1, Relaxed);
-                    ctx.region.header.connections.fetch_sub(1, Relaxed);
-                });
+                    Some((_, true)) => drop(stream),
+                    Some((acceptor, false)) => {
+                        let acceptor = acceptor.clone();
+                        let tls = serve_tls(open, dispatch.clone(), acceptor, stream, peer);
+                        drop(monoio::spawn(tls));
+                    }
+                }
             }
             Err(_) if ctx.draining.get() => return,
             Err(e) => {
@@ -168,22 +163,25 @@ async fn accept_loop(
 
 /// A TLS connection: the handshake (within the head's deadline), then HTTP over it.
 async fn serve_tls(
-    ctx: &Ctx,
-    dispatch: &Dispatch,
+    open: Open,
+    dispatch: Rc<Dispatch>,
     acceptor: monoio_rustls::TlsAcceptor,
     stream: Timed,
     peer: std::net::SocketAddr,
-    limits: Rc<Deadlines>,
 ) {
-    match acceptor.accept(stream).await {
-        Ok(tls_stream) => conn::serve(ctx, dispatch, tls_stream, peer, limits).await,
+    let limits = stream.limits().clone();
+    match Box::pin(acceptor.accept(stream)).await {
+        Ok(tls_stream) => {
+            let client = Client::new(tls_stream, peer, limits);
+            conn::serve(open, dispatch, client).await
+        }
         Err(e) => log::debug!("TLS handshake with {peer} failed: {e}"),
     }
 }
 
 /// Over `max_concurrent_connections`: a plain-HTTP client gets a 503 and the connection
 /// closes; a TLS one is closed before any handshake work.
-async fn refuse(ctx: &Ctx, mut stream: Timed, tls: bool) {
+async fn refuse(ctx: Open, mut stream: Timed, tls: bool) {
     let now = std::time::Instant::now();
     if ctx
         .limit_logged
