@@ -437,6 +437,12 @@ fn memory_routes_serve_what_they_read_until_a_reload() {
     s.write_file("www/v.txt", b"version 1\n");
     s.spawn();
     s.wait_ready();
+    // Every worker reads its memory routes when it starts: one worker answering is not all
+    // of them done (on a loaded machine the other may still be reading).
+    let all_read = wait_until(Duration::from_secs(20), || {
+        s.log().contains("generation 1: serving")
+    });
+    assert!(all_read, "{}", s.log());
     s.write_file("www/v.txt", b"version 2 (longer)\n");
     assert_eq!(get(&s.url("/m/v.txt")), (200, "version 1\n".to_string()));
     assert_eq!(get(&s.url("/one")), (200, "version 1\n".to_string()));

@@ -95,6 +95,9 @@ pub async fn send<S: ClientStream>(
     }
     if !keep {
         r.head.set("Connection", "close");
+        // The whole response is written without waiting on anyone: its tail can wait for
+        // the close and leave with the FIN.
+        stream.last_response();
     }
     let mut out = r.head.encode();
     match r.body {

@@ -233,6 +233,15 @@ pub async fn relay<S: ClientStream>(
     apply_route_headers(&mut head, sec);
     if !client_keep {
         head.set("Connection", "close");
+        let whole = match kind {
+            BodyKind::None => true,
+            BodyKind::Length(n) => r.rest.len() as u64 >= n,
+            _ => false,
+        };
+        // Not for a body still coming: a slow stream's last segment must not wait.
+        if whole {
+            conn.stream.last_response();
+        }
     } else if req.version == 0 {
         head.set("Connection", "keep-alive");
     }
