@@ -122,6 +122,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# A command that fails under `set -e` says where, instead of ending the run without a word.
+trap 'echo "bench.sh: line $LINENO failed (exit $?)" >&2' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -318,7 +320,7 @@ idle_run() {
   sleep 1 # let the server settle after the last response
   after=$(helper pss "${ROOT_PID[$1]}")
   read -r _ held failed <"$WORK/hold.out"
-  kill -TERM "$HOLD_PID"; wait "$HOLD_PID" || true; HOLD_PID=
+  kill -TERM "$HOLD_PID" 2>/dev/null || true; wait "$HOLD_PID" || true; HOLD_PID=
   [ "$held" -gt 0 ] || { echo "no idle connection opened:" >&2; cat "$WORK/hold.err" >&2; exit 1; }
   kib=$(awk -v d=$((after - before)) -v n="$held" 'BEGIN { printf "%.2f", d / n }')
   printf "%-5s %-15s %-9s %10s %10s %10s %10s %8s\n" "$3" "$2" "$1" "$held" "$before" "$after" "$kib" "$failed"
