@@ -2,7 +2,7 @@
 # Installs, by Debian package name, what the test suite uses besides cargo:
 # curl (HTTP client in shell-driven tests), iproute2 and util-linux (a private network
 # namespace for the built-in-default test), slowhttptest (slowloris, slow-body and slow-read
-# clients); and, from PyPI, kosoku (the Autobahn WebSocket
+# clients), systemd (`systemd-analyze verify` of the unit file); and, from PyPI, kosoku (the Autobahn WebSocket
 # fuzzing client). Does nothing when all are present.
 set -euo pipefail
 
@@ -11,6 +11,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v slowhttptest >/dev/null 2>&1 || need+=(slowhttptest)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -383,11 +383,12 @@ impl Generations {
     }
 
     /// Promotes a new generation that serves (draining the old), and kills overdue ones.
-    pub fn advance(&mut self, drain_timeout: Duration) -> Result<()> {
+    /// `Ok(Some(id))`: generation `id` serves from this tick on.
+    pub fn advance(&mut self, drain_timeout: Duration) -> Result<Option<u64>> {
         let now = Instant::now();
         self.respawn_due(now);
         let region = self.env.region;
-        let mut result = Ok(());
+        let mut result = Ok(None);
         if let Some(g) = self
             .list
             .iter()
@@ -412,6 +413,7 @@ impl Generations {
                 self.list[g].state = State::Active;
                 log::info!("generation {id}: serving");
                 self.clear_unwatched_backends();
+                result = Ok(Some(id));
             } else if matches!(generation.state, State::Starting(t) if now.duration_since(t) > START_TIMEOUT)
             {
                 result = Err(anyhow!(

@@ -8,6 +8,7 @@
 
 mod generation;
 mod listeners;
+mod notify;
 mod pidfile;
 mod signals;
 mod upgrade;
@@ -18,6 +19,7 @@ use crate::shared::{self, validate, WorkerMain};
 use anyhow::{bail, Context, Result};
 use generation::{Generations, SpawnEnv};
 use nix::sys::signal::Signal;
+use notify::Notifier;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -102,7 +104,6 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
         Some(p) => Some(pidfile::PidFile::write(Path::new(p))?),
         None => None,
     };
-    notify_systemd();
     log_worker_identity(&config);
     log::info!(
         "master {} started: {} workers on {}",
@@ -132,7 +133,8 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
         pid_file,
         child: None,
     };
-    let result = cycle(&source, config, &mut gens, &mut up);
+    let mut notify = Notifier::from_env();
+    let result = cycle(&source, config, &mut gens, &mut up, &mut notify);
     if let Some(p) = up.pid_file {
         p.remove();
     }
@@ -156,9 +158,13 @@ fn cycle(
     mut config: Arc<Config>,
     gens: &mut Generations,
     up: &mut Upgrade,
+    notify: &mut Notifier,
 ) -> Result<()> {
     let mut flags = Flags::default();
     let mut quitting = false;
+    // systemd hears READY=1 once the first generation serves, then once per reload.
+    let mut serving = false;
+    let mut reloading = false;
     // After WINCH: no workers, on purpose, until a HUP.
     let mut parked = false;
     loop {
@@ -209,6 +215,10 @@ fn cycle(
         if std::mem::take(&mut flags.reopen) {
             reopen_logs(&config, gens);
         }
+        if (flags.terminate || flags.quit) && !quitting && up.child.is_none() {
+            // After an upgrade this master stops, not the service: the new master is MAINPID.
+            notify.stopping("stopping: draining the workers");
+        }
         if flags.terminate {
             log::info!("fast shutdown");
             gens.terminate_all();
@@ -226,24 +236,47 @@ fn cycle(
         }
         if flags.reload && !quitting && !gens.starting() {
             flags.reload = false;
-            if let Some(new) = reload(source, &config) {
-                match gens.start(new.clone()) {
-                    Ok(()) => {
-                        config = new;
-                        parked = false;
-                    }
-                    Err(e) => {
-                        log::error!("reload failed, the running generation keeps serving: {e:#}")
-                    }
+            notify.reloading();
+            reloading = true;
+            let started = reload(source, &config).and_then(|new| {
+                gens.start(new.clone())
+                    .map(|()| new)
+                    .map_err(|e| format!("{e:#}"))
+            });
+            match started {
+                Ok(new) => {
+                    config = new;
+                    parked = false;
+                }
+                Err(e) => {
+                    log::error!("reload failed, the running generation keeps serving: {e}");
+                    reloading = false;
+                    notify.reloaded(&notify::one_line(&format!(
+                        "reload failed, the running generation keeps serving: {e}"
+                    )));
                 }
             }
         }
-        let promoted = gens.advance(Duration::from_secs(config.server.shutdown_timeout_secs));
-        if let Err(e) = promoted {
-            if gens.is_empty() {
-                return Err(e);
+        match gens.advance(Duration::from_secs(config.server.shutdown_timeout_secs)) {
+            Ok(Some(id)) => {
+                let status = format!("serving: generation {id}");
+                if !serving {
+                    serving = true;
+                    notify.ready(&status);
+                } else if std::mem::take(&mut reloading) {
+                    notify.reloaded(&status);
+                }
             }
-            log::error!("{e:#}");
+            Ok(None) => {}
+            Err(e) if gens.is_empty() => return Err(e),
+            Err(e) => {
+                log::error!("{e:#}");
+                if std::mem::take(&mut reloading) {
+                    notify.reloaded(&notify::one_line(&format!(
+                        "reload failed, the running generation keeps serving: {e:#}"
+                    )));
+                }
+            }
         }
         if quitting && gens.is_empty() {
             return Ok(());
@@ -255,8 +288,9 @@ fn cycle(
     }
 }
 
-/// Re-reads and validates the config. `None` (errors logged) keeps the running generation.
-fn reload(source: &ConfigSource, running: &Config) -> Option<Arc<Config>> {
+/// Re-reads and validates the config. `Err` (errors logged; the first one returned) keeps the
+/// running generation.
+fn reload(source: &ConfigSource, running: &Config) -> std::result::Result<Arc<Config>, String> {
     log::info!("SIGHUP: reloading the configuration");
     let mut new = match source.load() {
         Ok(c) => c,
@@ -268,7 +302,8 @@ fn reload(source: &ConfigSource, running: &Config) -> Option<Arc<Config>> {
                 "reload aborted ({} error(s)): the running configuration keeps serving",
                 errors.len()
             );
-            return None;
+            let first = errors.first().map(|e| e.to_string()).unwrap_or_default();
+            return Err(format!("{} config error(s): {first}", errors.len()));
         }
     };
     // Listeners and the worker count are fixed for the master's life (spec: restart needed).
@@ -294,7 +329,7 @@ fn reload(source: &ConfigSource, running: &Config) -> Option<Arc<Config>> {
     if let Err(e) = shared::log::init_direct(&new.logging, "master") {
         log::error!("reload: cannot open the new log file, keeping the old one: {e}");
     }
-    Some(Arc::new(new))
+    Ok(Arc::new(new))
 }
 
 fn bind_listeners(config: &Config, workers: usize) -> Result<Vec<listeners::ListenGroup>> {
@@ -377,29 +412,5 @@ fn start_upgrade(up: &mut Upgrade, gens: &Generations, pid_path: Option<&str>) {
 fn restore_pid_file(up: &mut Upgrade, pid_path: Option<&str>) {
     if let (Some(p), Some(path)) = (up.pid_file.as_mut(), pid_path) {
         p.restore_name(Path::new(path));
-    }
-}
-
-/// Under systemd (`NOTIFY_SOCKET`), says which process is the main one: after a binary
-/// upgrade, the new master.
-fn notify_systemd() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let message = format!("MAINPID={}\nREADY=1\n", std::process::id());
-    let sent = match path.to_str() {
-        // An abstract socket name starts with `@`.
-        Some(p) if p.starts_with('@') => {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::SocketAddr::from_abstract_name(&p.as_bytes()[1..])
-                .and_then(|addr| sock.send_to_addr(message.as_bytes(), &addr))
-        }
-        _ => sock.send_to(message.as_bytes(), path),
-    };
-    if let Err(e) = sent {
-        log::warn!("cannot notify systemd: {e}");
     }
 }

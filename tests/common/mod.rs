@@ -88,8 +88,14 @@ impl Server {
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// Starts the server with these environment variables set (`NOTIFY_SOCKET`...).
+    pub fn spawn_with_env(&mut self, vars: &[(&str, &str)]) {
         let log = File::create(&self.log_path).unwrap();
         let child = Command::new(BIN)
+            .envs(vars.iter().copied())
             .arg("-c")
             .arg(&self.config_path)
             .current_dir(self.dir.path())
