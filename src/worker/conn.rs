@@ -115,10 +115,11 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>, fresh: bool
             .set_read(Limit::By(Instant::now() + ctx.keepalive));
     }
     // A client that sends at once is read with a buffer at once; one quiet for `HOT` gives
-    // its buffer back and is woken by readiness (plain TCP; TLS streams keep reading).
+    // its buffer back and is woken by readiness. Not when the stream holds bytes already
+    // (TLS: decrypted, or not yet decrypted): those are read at once.
     let waited = conn.limits.read();
     let mut hot = true;
-    if conn.buf.is_empty() && conn.stream.plain().is_some() {
+    if conn.buf.is_empty() && conn.stream.idle_socket().is_some() {
         if let Limit::By(at) = waited {
             conn.limits
                 .set_read(Limit::By(at.min(Instant::now() + HOT)));
@@ -193,7 +194,7 @@ async fn read_head<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>, fresh: bool
 /// Waits, holding no buffer, until the client sends or its read deadline passes; then takes
 /// a head buffer. `false`: nothing came in time, or the connection failed.
 async fn wait_for_bytes<S: ClientStream>(ctx: &Ctx, conn: &mut Client<S>) -> bool {
-    if let Some(tcp) = conn.stream.plain() {
+    if let Some(tcp) = conn.stream.idle_socket() {
         // The deadline is kept by the worker's idle queue, not by a timer of its own.
         let deadline = conn
             .limits

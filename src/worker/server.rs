@@ -9,6 +9,7 @@ use super::conn;
 use super::ctx::{Ctx, Open};
 use super::dispatch::Dispatch;
 use super::exchange::Client;
+use super::http::tls::TlsStream;
 use super::timed::{Limit, Timed};
 use crate::shared::child::{exit, EXIT_STARTUP_FAILED};
 use crate::shared::shm::STATE_SERVING;
@@ -16,6 +17,7 @@ use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, UnixStream};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Serves until SIGTERM/SIGINT, or until a SIGQUIT drain completes: the process exits from
@@ -26,18 +28,15 @@ pub async fn run(
     dispatch: Rc<Dispatch>,
     listeners: Vec<std::net::TcpListener>,
     signals: std::os::unix::net::UnixStream,
-    tls: Option<(std::sync::Arc<rustls::ServerConfig>, bool)>,
+    tls: Option<(Arc<rustls::ServerConfig>, bool)>,
 ) -> ! {
     let mut accepting = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         // `refuse`: kTLS is required and unavailable (see `ktls`).
-        let acceptor = tls
-            .clone()
-            .filter(|_| i == 0)
-            .map(|(config, refuse)| (monoio_rustls::TlsAcceptor::from(config), refuse));
+        let listener_tls = tls.clone().filter(|_| i == 0);
         match TcpListener::from_std(l) {
             Ok(l) => {
-                let task = accept_loop(ctx.clone(), dispatch.clone(), l, acceptor);
+                let task = accept_loop(ctx.clone(), dispatch.clone(), l, listener_tls);
                 accepting.push(monoio::spawn(task))
             }
             Err(e) => {
@@ -122,7 +121,7 @@ async fn accept_loop(
     ctx: Rc<Ctx>,
     dispatch: Rc<Dispatch>,
     listener: TcpListener,
-    tls: Option<(monoio_rustls::TlsAcceptor, bool)>,
+    tls: Option<(Arc<rustls::ServerConfig>, bool)>,
 ) {
     loop {
         if ctx.draining.get() {
@@ -144,9 +143,9 @@ async fn accept_loop(
                         drop(monoio::spawn(conn::serve(open, dispatch.clone(), client)));
                     }
                     Some((_, true)) => drop(stream),
-                    Some((acceptor, false)) => {
-                        let acceptor = acceptor.clone();
-                        let tls = serve_tls(open, dispatch.clone(), acceptor, stream, peer);
+                    Some((config, false)) => {
+                        let config = config.clone();
+                        let tls = serve_tls(open, dispatch.clone(), config, stream, peer);
                         drop(monoio::spawn(tls));
                     }
                 }
@@ -165,12 +164,20 @@ async fn accept_loop(
 async fn serve_tls(
     open: Open,
     dispatch: Rc<Dispatch>,
-    acceptor: monoio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     stream: Timed,
     peer: std::net::SocketAddr,
 ) {
     let limits = stream.limits().clone();
-    match Box::pin(acceptor.accept(stream)).await {
+    let session = match rustls::ServerConnection::new(config) {
+        Ok(session) => session,
+        Err(e) => {
+            log::error!("cannot start a TLS session: {e}");
+            return;
+        }
+    };
+    // Boxed: its state is dead weight once the handshake is done.
+    match Box::pin(TlsStream::handshake(stream, session)).await {
         Ok(tls_stream) => {
             let client = Client::new(tls_stream, peer, limits);
             conn::serve(open, dispatch, client).await

@@ -2,14 +2,19 @@
 //! a `Timed` socket. The HTTP engine is written once over `ClientStream`; what differs is
 //! whether bytes may go to the socket directly (sendfile, a half-close before lingering).
 
+use super::tls::TlsStream;
 use crate::worker::timed::Timed;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
-use monoio_rustls::ServerTlsStream;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// The socket, when the bytes on the wire are the HTTP bytes.
     fn plain(&self) -> Option<&Timed>;
+
+    /// The socket to wait on for the next bytes, when nothing already received is left to
+    /// read: an idle connection then waits for readability holding no buffer. `None`: read
+    /// at once.
+    fn idle_socket(&self) -> Option<&Timed>;
 
     fn raw_fd(&self) -> Option<RawFd> {
         self.plain().map(|s| s.tcp().as_raw_fd())
@@ -33,10 +38,18 @@ impl ClientStream for Timed {
     fn plain(&self) -> Option<&Timed> {
         Some(self)
     }
+
+    fn idle_socket(&self) -> Option<&Timed> {
+        Some(self)
+    }
 }
 
-impl ClientStream for ServerTlsStream<Timed> {
+impl ClientStream for TlsStream<rustls::ServerConnection> {
     fn plain(&self) -> Option<&Timed> {
         None
+    }
+
+    fn idle_socket(&self) -> Option<&Timed> {
+        TlsStream::idle_socket(self)
     }
 }

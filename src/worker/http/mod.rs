@@ -5,6 +5,7 @@ pub mod chunked;
 pub mod client;
 pub mod date;
 pub mod respond;
+pub mod tls;
 
 use std::fmt::Write as _;
 
