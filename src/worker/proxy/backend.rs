@@ -1,13 +1,13 @@
-//! Backend servers: where they are, how to connect (plain TCP or rustls over io_uring), and a
+//! Backend servers: where they are, how to connect (plain TCP or TLS, see `http::tls`), and a
 //! per-worker pool of idle keep-alive connections to each.
 
 use crate::shared::url::BackendUrl;
+use crate::worker::http::tls::TlsStream;
 use crate::worker::timed::{Deadlines, Limit, Timed};
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 use monoio::BufResult;
-use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls::pki_types::ServerName;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 pub struct Target {
     pub url: BackendUrl,
     pub addrs: Vec<SocketAddr>,
-    pub tls: Option<(TlsConnector, ServerName<'static>)>,
+    pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
     /// Index in the shared backend table (servers of upstreams; `None` for a route's `url`).
     pub backend: Option<usize>,
     /// Pool key: one pool per distinct URL, TLS name and trusted CA file.
@@ -41,7 +41,7 @@ impl Target {
             let name = url.server_name(sni);
             let server_name = ServerName::try_from(name.clone())
                 .map_err(|e| format!("invalid TLS name `{name}`: {e}"))?;
-            Some((TlsConnector::from(client_config(ca_file)?), server_name))
+            Some((client_config(ca_file)?, server_name))
         } else {
             None
         };
@@ -103,7 +103,7 @@ fn client_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Str
 /// A connection to a backend, plain or TLS, over a socket with deadlines.
 pub enum BackendStream {
     Plain(Timed),
-    Tls(Box<ClientTlsStream<Timed>>),
+    Tls(TlsStream<rustls::ClientConnection>),
 }
 
 pub struct BackendConn {
@@ -151,11 +151,15 @@ pub async fn connect(target: &Target, timeout: Duration) -> Result<BackendConn, 
         let tcp = Timed::new(tcp, limits.clone());
         let stream = match &target.tls {
             None => BackendStream::Plain(tcp),
-            Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
-                Ok(s) => BackendStream::Tls(Box::new(s)),
-                Err(_) if Instant::now() >= deadline => return Err(ConnectError::Timeout),
-                Err(e) => return Err(ConnectError::Failed(format!("{addr}: TLS: {e}"))),
-            },
+            Some((config, name)) => {
+                let session = rustls::ClientConnection::new(config.clone(), name.clone())
+                    .map_err(|e| ConnectError::Failed(format!("{addr}: TLS: {e}")))?;
+                match TlsStream::handshake(tcp, session).await {
+                    Ok(s) => BackendStream::Tls(s),
+                    Err(_) if Instant::now() >= deadline => return Err(ConnectError::Timeout),
+                    Err(e) => return Err(ConnectError::Failed(format!("{addr}: TLS: {e}"))),
+                }
+            }
         };
         return Ok(BackendConn {
             stream,

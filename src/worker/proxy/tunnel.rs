@@ -80,7 +80,7 @@ pub async fn run<S: ClientStream>(ctx: &Ctx, client: Client<S>, tunnel: Tunnel) 
     };
     match backend.stream {
         BackendStream::Plain(b) => ends.pipe(client, client_early, b, backend_early).await,
-        BackendStream::Tls(b) => ends.pipe(client, client_early, *b, backend_early).await,
+        BackendStream::Tls(b) => ends.pipe(client, client_early, b, backend_early).await,
     }
 }
 
