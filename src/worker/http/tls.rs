@@ -370,10 +370,12 @@ where
         let n = {
             let (ptr, len) = (buf.read_iovec_ptr(), buf.read_iovec_len());
             // SAFETY: an `IoVecBuf` holds `len` valid iovecs, each readable, while it is
-            // held; the slices are dropped before any await.
+            // held; the slices are dropped before any await. An empty one may have a null
+            // base, which no slice may have: it is skipped.
             let slices: Vec<io::IoSlice<'_>> = unsafe {
                 std::slice::from_raw_parts(ptr, len)
                     .iter()
+                    .filter(|v| v.iov_len > 0)
                     .map(|v| {
                         io::IoSlice::new(std::slice::from_raw_parts(
                             v.iov_base as *const u8,
