@@ -5,10 +5,11 @@
 //! What the caller must guarantee before `offload`:
 //! - the handshake is complete and rustls has sent every record it queued (TLS 1.3 session
 //!   tickets among them): `dangerous_extract_secrets` refuses otherwise;
-//! - rustls has not read past the handshake: ciphertext it buffered but did not decrypt is
-//!   dropped with it, and the kernel would then start reading in the middle of a record (the
-//!   handshake reads whole records only), while plaintext it did decrypt must be served before
-//!   the first read from the socket.
+//! - rustls holds no part of a record past the handshake: ciphertext it buffered but did not
+//!   decrypt is dropped on extraction, and the kernel would start reading in the middle of a
+//!   record, so the handshake must read whole records only (a TLS 1.3 client's first request
+//!   often follows its Finished in the same segment); plaintext rustls did decrypt must be
+//!   taken from it first and served before the first read from the socket.
 //!
 //! After it, a record that is not application data (an alert, a TLS 1.3 `KeyUpdate`) makes a
 //! plain read fail with `EIO`; `recv` reads it with its record type (`TLS_GET_RECORD_TYPE`) and
@@ -324,6 +325,13 @@ type RecordTypeSpace = [u64; 4];
 /// arrives as such instead of failing the read with `EIO`. One call never mixes record
 /// types: the kernel stops at a change. Blocking or not as the socket is.
 pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Record> {
+    if buf.is_empty() {
+        // Data(0) would read as the end of the stream.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "recv into an empty buffer",
+        ));
+    }
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -447,6 +455,7 @@ pub fn control<D>(
         HANDSHAKE => {
             let (request_update, rest) = match payload {
                 [KEY_UPDATE, 0, 0, 1, request, rest @ ..] => (*request, rest),
+                [KEY_UPDATE, ..] => return Err(invalid("a malformed KeyUpdate".into())),
                 [NEW_SESSION_TICKET, ..] => {
                     return Err(invalid("a client sent a NewSessionTicket".into()))
                 }
