@@ -2,8 +2,10 @@
 # Installs, by Debian package name, what the test suite uses besides cargo:
 # curl (HTTP client in shell-driven tests), iproute2 and util-linux (a private network
 # namespace for the built-in-default test), slowhttptest (slowloris, slow-body and slow-read
-# clients), systemd (`systemd-analyze verify` of the unit file); and, from PyPI, kosoku (the Autobahn WebSocket
-# fuzzing client). Does nothing when all are present.
+# clients), systemd (`systemd-analyze verify` of the unit file); for the kTLS VM (scripts/ktls-vm.sh, which also fetches the linux-image-cloud-amd64
+# and busybox-static packages itself and unpacks them under target/), without recommends:
+# qemu-system-x86, cpio, kmod (modinfo), binutils (objcopy) and openssl; and, from PyPI,
+# kosoku (the Autobahn WebSocket fuzzing client). Does nothing when all are present.
 set -euo pipefail
 
 need=()
@@ -12,13 +14,24 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v slowhttptest >/dev/null 2>&1 || need+=(slowhttptest)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+vm=()
+command -v qemu-system-x86_64 >/dev/null 2>&1 || vm+=(qemu-system-x86)
+command -v cpio >/dev/null 2>&1 || vm+=(cpio)
+command -v objcopy >/dev/null 2>&1 || vm+=(binutils)
+command -v openssl >/dev/null 2>&1 || vm+=(openssl)
+PATH=$PATH:/usr/sbin:/sbin command -v modinfo >/dev/null 2>&1 || vm+=(kmod)
 
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
+if [ $((${#need[@]} + ${#vm[@]})) -gt 0 ]; then
+  echo "installing: ${need[*]} ${vm[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+  if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+  fi
+  if [ ${#vm[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${vm[@]}"
+  fi
 fi
 
 if ! python3 -c 'import kosoku' >/dev/null 2>&1; then

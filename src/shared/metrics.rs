@@ -4,7 +4,7 @@
 //! every slot ever used. Labels are bounded: methods are a fixed set plus `OTHER`, hosts the
 //! configured ones plus `other`, statuses three digits.
 
-use super::shm::{self, Hist, Region, DURATION_BUCKETS, NB, OVERFLOW_KEY, SIZE_BUCKETS};
+use super::shm::{self, Hist, Region, TlsMode, DURATION_BUCKETS, NB, OVERFLOW_KEY, SIZE_BUCKETS};
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
@@ -130,6 +130,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let mut req_sizes = HistSum::default();
     let mut resp_sizes = HistSum::default();
     let mut per_worker: BTreeMap<u64, u64> = BTreeMap::default();
+    let mut tls = [0u64; TlsMode::ALL.len()];
     let connections = region.header.connections.load(Relaxed).max(0);
     for slot in region.used_slots() {
         for e in &slot.req_counts {
@@ -145,6 +146,9 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             }
         }
         req_sizes.add(&slot.request_sizes);
+        for (sum, n) in tls.iter_mut().zip(&slot.tls_connections) {
+            *sum += n.load(Relaxed);
+        }
         resp_sizes.add(&slot.response_sizes);
         *per_worker
             .entry(slot.worker_index.load(Relaxed))
@@ -189,6 +193,11 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
         .map(|(w, n)| counter(vec![label("worker", &w.to_string())], *n))
         .collect();
     let conn_metric = gauge(vec![], connections as f64);
+    // Both modes always, so a dashboard sees kTLS at 0 rather than no series.
+    let tls_metrics = TlsMode::ALL
+        .iter()
+        .map(|&m| counter(vec![label("mode", m.label())], tls[m as usize]))
+        .collect();
 
     let server_labels =
         |s: &UpstreamServerLabel| vec![label("server", &s.server), label("upstream", &s.upstream)];
@@ -259,6 +268,12 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             vec![conn_metric],
         ),
         family(
+            "zerocopy_proxy_tls_connections_total",
+            "TLS connections past their handshake, by who processes their records: rustls in the worker, or the kernel (kTLS).",
+            MetricType::COUNTER,
+            tls_metrics,
+        ),
+        family(
             "zerocopy_proxy_upstream_healthy",
             "1 if the upstream server is healthy (health checks), else 0.",
             MetricType::GAUGE,
@@ -286,4 +301,35 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let encoded = TextEncoder::new().encode(&families, &mut out);
     debug_assert!(encoded.is_ok());
     String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::shm::Shm;
+
+    #[test]
+    fn tls_connections_are_summed_over_slots_by_mode() {
+        let shm = Shm::create().unwrap();
+        let region = shm.region();
+        let fresh = render(region, &[]);
+        assert!(fresh.contains("zerocopy_proxy_tls_connections_total{mode=\"ktls\"} 0\n"));
+        assert!(fresh.contains("zerocopy_proxy_tls_connections_total{mode=\"rustls\"} 0\n"));
+        let (a, b) = (
+            region.claim_slot(0, 1).unwrap(),
+            region.claim_slot(1, 1).unwrap(),
+        );
+        region.slots[a].count_tls_connection(TlsMode::Ktls);
+        region.slots[b].count_tls_connection(TlsMode::Ktls);
+        region.slots[b].count_tls_connection(TlsMode::Rustls);
+        let text = render(region, &[]);
+        assert!(
+            text.contains("zerocopy_proxy_tls_connections_total{mode=\"ktls\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("zerocopy_proxy_tls_connections_total{mode=\"rustls\"} 1\n"),
+            "{text}"
+        );
+    }
 }

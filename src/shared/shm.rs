@@ -28,7 +28,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
-pub const LAYOUT_VERSION: u64 = 2;
+pub const LAYOUT_VERSION: u64 = 3;
 const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
 
 pub const MAX_SLOTS: usize = 256;
@@ -151,6 +151,38 @@ pub struct Slot {
     pub durations: [HistEntry; DUR_ENTRIES],
     pub request_sizes: Hist,
     pub response_sizes: Hist,
+    /// TLS connections past their handshake, by `TlsMode`.
+    pub tls_connections: [AtomicU64; TlsMode::ALL.len()],
+}
+
+/// Who processes a TLS connection's records: the `mode` label of
+/// `zerocopy_proxy_tls_connections_total`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TlsMode {
+    /// rustls, in the worker.
+    Rustls = 0,
+    /// The kernel (kTLS), after rustls' handshake.
+    Ktls = 1,
+}
+
+impl TlsMode {
+    pub const ALL: [TlsMode; 2] = [TlsMode::Rustls, TlsMode::Ktls];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsMode::Rustls => "rustls",
+            TlsMode::Ktls => "ktls",
+        }
+    }
+}
+
+impl Slot {
+    /// Counts a TLS connection whose handshake completed, in the mode it is served in.
+    // Called from the TLS accept path once it is merged with the offload (issue 9, item 4).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub fn count_tls_connection(&self, mode: TlsMode) {
+        self.tls_connections[mode as usize].fetch_add(1, Relaxed);
+    }
 }
 
 #[repr(C)]
