@@ -151,6 +151,46 @@ fn unknown_keys_and_syntax_errors_name_key_and_line() {
     assert_eq!(code, 1, "{err}");
 }
 
+/// Issue 9, item 5: keys inside `[[tls.certificates]]` are named with the entry's index (they
+/// were named `tls..certificates`).
+#[test]
+fn keys_in_tls_certificates_are_named_with_their_index() {
+    let head = "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[tls]\ncert_path = \"{dir}/d.crt\"\nkey_path = \"{dir}/d.key\"\n\n[[tls.certificates]]\ncert_path = \"{dir}/a.crt\"\nkey_path = \"{dir}/a.key\"\n\n[[tls.certificates]]\n";
+    // Line 13 is the second entry's first key.
+    let s = Server::prepare(&format!(
+        "{head}cert_path = \"{{dir}}/b.crt\"\nkey_pth = \"{{dir}}/b.key\"\n"
+    ));
+    let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("config.toml:14: `tls.certificates[1].key_pth`: unknown field `key_pth`"),
+        "{err}"
+    );
+    // The same key in an inline table.
+    let s = Server::prepare("[tls]\ncert_path = \"d\"\nkey_path = \"d\"\ncertificates = [{ cert_path = \"a\", key_path = \"a\", x = 1 }]\n");
+    let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("config.toml:4: `tls.certificates[0].x`: unknown field `x`"),
+        "{err}"
+    );
+    // Semantic errors carry the index and the line of their key too.
+    let s = Server::prepare(&format!(
+        "{head}cert_path = \"{{dir}}/b.crt\"\nkey_path = \"{{dir}}/b.key\"\n"
+    ));
+    for f in ["d.crt", "d.key", "a.crt", "a.key", "b.crt"] {
+        s.write_file(f, b"");
+    }
+    let (code, _, err) = run(&["-t", "-c", s.config_path.to_str().unwrap()], s.dir.path());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "config.toml:14: `tls.certificates[1].key_path`: TLS private key file not found"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn print_shows_the_effective_config_with_defaults() {
     let s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\n\n[path_routes.\"example.com\".\"/\"]\npath = \"{dir}\"\n");

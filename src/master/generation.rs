@@ -181,7 +181,8 @@ impl Generations {
         // Keys are read here, by root, on every start and reload (certificates reload too).
         let tls = match &config.tls {
             Some(t) => Some(
-                shared::tls::server_config(t).map_err(|(key, why)| anyhow!("`{key}`: {why}"))?,
+                shared::tls::server_config(t, None)
+                    .map_err(|(key, why)| anyhow!("`{key}`: {why}"))?,
             ),
             None => None,
         };

@@ -183,12 +183,24 @@ fn default_balancing() -> Balancing {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// The default pair: for clients that send no SNI or a name no other certificate has.
     pub cert_path: String,
     pub key_path: String,
     #[serde(default)]
     pub ktls_enabled: bool,
     #[serde(default = "yes")]
     pub ktls_fallback_enabled: bool,
+    /// `[[tls.certificates]]`: more pairs, each chosen by SNI against its SAN DNS names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificatePair>,
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificatePair {
+    pub cert_path: String,
+    pub key_path: String,
 }
 
 fn yes() -> bool {

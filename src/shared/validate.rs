@@ -96,19 +96,21 @@ fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigE
     ) else {
         return errors;
     };
-    let mut check = |path: Vec<String>, result: Result<(), toml::de::Error>| {
+    let mut check = |path: Vec<Seg>, result: Result<(), toml::de::Error>| {
         let Err(e) = result else { return };
         let message = e.message().trim().to_string();
         let mut path = path;
         if let Some(field) = unknown_field(&message) {
-            path.push(field.to_string());
+            path.push(Seg::Key(field.to_string()));
         }
         let line = locate(&doc, &path).map(|at| line_at(text, at));
         let key = join_key(&path);
-        let duplicate = errors
-            .iter()
-            .any(|old| old.message == message && (old.line == line || old.key == key));
-        if !duplicate {
+        let same = |old: &ConfigError| old.message == message;
+        // The first error's key is read from the text around it; on the same line, the key
+        // built from the document's structure is the better name (an inline table's key).
+        if let Some(old) = errors.iter_mut().find(|o| same(o) && o.line == line) {
+            old.key = key;
+        } else if !errors.iter().any(|o| same(o) && o.key == key) {
             errors.push(ConfigError {
                 file: file.to_string(),
                 line,
@@ -124,7 +126,7 @@ fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigE
         let p = |rest: &[&str]| {
             std::iter::once(section.as_str())
                 .chain(rest.iter().copied())
-                .map(String::from)
+                .map(|k| Seg::Key(k.to_string()))
                 .collect::<Vec<_>>()
         };
         match section.as_str() {
@@ -132,7 +134,23 @@ fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigE
             "logging" => check(p(&[]), de::<LoggingConfig>(value)),
             "security" => check(p(&[]), de::<GlobalSecurity>(value)),
             "performance" => check(p(&[]), de::<PerformanceConfig>(value)),
-            "tls" => check(p(&[]), de::<TlsConfig>(value)),
+            "tls" => {
+                // Each `[[tls.certificates]]` entry on its own, so an error names its index.
+                let mut rest = value.clone();
+                let entries = rest.as_table_mut().and_then(|t| t.remove("certificates"));
+                check(p(&[]), de::<TlsConfig>(&rest));
+                match entries {
+                    Some(toml::Value::Array(list)) => {
+                        for (i, item) in list.iter().enumerate() {
+                            let mut path = p(&["certificates"]);
+                            path.push(Seg::Index(i));
+                            check(path, de::<CertificatePair>(item));
+                        }
+                    }
+                    Some(other) => check(p(&["certificates"]), de::<Vec<CertificatePair>>(&other)),
+                    None => {}
+                }
+            }
             "metrics" => check(p(&[]), de::<MetricsConfig>(value)),
             "host_routes" | "upstreams" => {
                 for (name, item) in value.as_table().into_iter().flatten() {
@@ -152,7 +170,7 @@ fn schema_errors(text: &str, file: &str, first: &toml::de::Error) -> Vec<ConfigE
                 }
             }
             _ => check(
-                vec![section.clone()],
+                vec![Seg::Key(section.clone())],
                 Err(serde::de::Error::custom(format!(
                     "unknown section `{section}` (server, logging, security, performance, tls, metrics, host_routes, path_routes, upstreams)"
                 ))),
@@ -169,18 +187,45 @@ fn unknown_field(message: &str) -> Option<&str> {
         .and_then(|r| r.split('`').next())
 }
 
+/// One step of a key path: a table key, or the index of an array element
+/// (`tls.certificates[0].cert_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
 /// Byte offset of the deepest part of `path` found in the document.
-fn locate(doc: &toml_edit::ImDocument<&str>, path: &[String]) -> Option<usize> {
+fn locate(doc: &toml_edit::ImDocument<&str>, path: &[Seg]) -> Option<usize> {
     let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut best = None;
-    for seg in path {
-        let Some(item) = table.get(seg) else { break };
+    let mut segs = path.iter().peekable();
+    while let Some(seg) = segs.next() {
+        let Seg::Key(key) = seg else { break };
+        let Some(item) = table.get(key) else { break };
         let span = table
-            .key(seg)
+            .key(key)
             .and_then(|k| k.span())
             .or_else(|| item.span());
         best = span.map(|r| r.start).or(best);
-        match item.as_table_like() {
+        let inner = match segs.next_if(|s| matches!(s, Seg::Index(_))) {
+            // An element of `[[key]]` sections or of an inline array of tables.
+            Some(Seg::Index(i)) => match item {
+                toml_edit::Item::ArrayOfTables(a) => a.get(*i).map(|t| {
+                    best = t.span().map(|r| r.start).or(best);
+                    t as &dyn toml_edit::TableLike
+                }),
+                toml_edit::Item::Value(toml_edit::Value::Array(a)) => {
+                    a.get(*i).and_then(|v| v.as_inline_table()).map(|t| {
+                        best = t.span().map(|r| r.start).or(best);
+                        t as &dyn toml_edit::TableLike
+                    })
+                }
+                _ => None,
+            },
+            _ => item.as_table_like(),
+        };
+        match inner {
             Some(t) => table = t,
             None => break,
         }
@@ -188,38 +233,78 @@ fn locate(doc: &toml_edit::ImDocument<&str>, path: &[String]) -> Option<usize> {
     best
 }
 
-/// `path_routes."example.com"."/api/".url` → its segments.
-fn split_key(key: &str) -> Vec<String> {
+/// `path_routes."example.com"."/api/".url`, `tls.certificates[0].cert_path` → segments.
+fn split_key(key: &str) -> Vec<Seg> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;
-    for c in key.chars() {
+    // Whether `cur` is a key (`""` is one), not the gap between `]` and `.`.
+    let mut open = true;
+    let mut chars = key.chars().peekable();
+    while let Some(c) = chars.next() {
         match c {
-            '"' => quoted = !quoted,
-            '.' if !quoted => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
+            '"' => {
+                quoted = !quoted;
+                open = true;
+            }
+            '.' if !quoted => {
+                if open {
+                    out.push(Seg::Key(std::mem::take(&mut cur)));
+                }
+                open = true;
+            }
+            '[' if !quoted => {
+                let digits: String =
+                    std::iter::from_fn(|| chars.next_if(char::is_ascii_digit)).collect();
+                match (digits.parse(), chars.next_if_eq(&']')) {
+                    (Ok(i), Some(_)) => {
+                        if open {
+                            out.push(Seg::Key(std::mem::take(&mut cur)));
+                        }
+                        out.push(Seg::Index(i));
+                        open = false;
+                    }
+                    _ => {
+                        cur.push('[');
+                        cur.push_str(&digits);
+                        open = true;
+                    }
+                }
+            }
+            c => {
+                cur.push(c);
+                open = true;
+            }
         }
     }
-    out.push(cur);
+    if open {
+        out.push(Seg::Key(cur));
+    }
     out
 }
 
 /// Segments → the key as the config file spells it, quoting where TOML needs quotes.
-fn join_key(path: &[String]) -> String {
-    path.iter()
-        .map(|seg| {
-            let bare = !seg.is_empty()
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-            if bare {
-                seg.clone()
-            } else {
-                format!("\"{seg}\"")
+fn join_key(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let bare = !k.is_empty()
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if bare {
+                    out.push_str(k);
+                } else {
+                    out.push_str(&format!("\"{k}\""));
+                }
             }
-        })
-        .collect::<Vec<_>>()
-        .join(".")
+        }
+    }
+    out
 }
 
 fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
@@ -244,19 +329,71 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
     }
 }
 
-/// The `[table]` header in force at byte offset `at`, to name the section of a parse error.
+/// The table in force at byte offset `at`, to name the section of a parse error: the header
+/// before it (`a.b`, or `a.b[n]` for the n-th `[[a.b]]` section); or, when `at` is inside a
+/// header (an unknown key named there), the part of that header before it.
 fn enclosing_table(text: &str, at: usize) -> String {
     let mut at = at.min(text.len());
     while !text.is_char_boundary(at) {
         at -= 1;
     }
-    text[..at]
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    if line.trim_start().starts_with('[') {
+        let parent = text[line_start..at]
+            .trim()
+            .trim_start_matches('[')
+            .trim()
+            .trim_end_matches('.')
+            .trim_end();
+        if !parent.is_empty() {
+            return parent.to_string();
+        }
+        return header_name(text, line_start);
+    }
+    let mut start = line_start;
+    while start > 0 {
+        let prev = text[..start - 1].rfind('\n').map_or(0, |i| i + 1);
+        if text[prev..start].trim_start().starts_with('[') {
+            return header_name(text, prev);
+        }
+        start = prev;
+    }
+    String::new()
+}
+
+/// The name of the header on the line at `start`: `[a.b]` → `a.b`, and the n-th `[[a.b]]` of
+/// the file (counting from 0) → `a.b[n]`.
+fn header_name(text: &str, start: usize) -> String {
+    let Some((array, name)) = parse_header(text[start..].lines().next().unwrap_or("")) else {
+        return String::new();
+    };
+    if !array {
+        return name.to_string();
+    }
+    let n = text[..start]
         .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string())
-        .unwrap_or_default()
+        .filter(|l| parse_header(l) == Some((true, name)))
+        .count();
+    format!("{name}[{n}]")
+}
+
+/// `[[a."b]".c]] # x` → `(true, "a.\"b]\".c")`: whether it is an array-of-tables header, and
+/// the name between the brackets (a `]` inside quotes does not close it).
+fn parse_header(line: &str) -> Option<(bool, &str)> {
+    let line = line.trim_start();
+    let array = line.starts_with("[[");
+    let inner = line.strip_prefix(if array { "[[" } else { "[" })?;
+    let mut quote = None;
+    for (i, c) in inner.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, ']') => return Some((array, inner[..i].trim())),
+            _ => {}
+        }
+    }
+    None
 }
 
 pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
@@ -269,24 +406,7 @@ pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
     validate_security(&c.security, &mut e);
     validate_metrics(&c.metrics, &mut e);
     if let Some(tls) = &c.tls {
-        let before = e.list.len();
-        check_file(
-            &tls.cert_path,
-            "tls.cert_path",
-            "TLS certificate file",
-            &mut e,
-        );
-        check_file(
-            &tls.key_path,
-            "tls.key_path",
-            "TLS private key file",
-            &mut e,
-        );
-        if e.list.len() == before {
-            if let Err((key, why)) = super::tls::server_config(tls) {
-                e.add(key, why);
-            }
-        }
+        validate_tls(tls, &mut e);
     }
     for (host, route) in &c.host_routes {
         check_host(host, &format!("host_routes.\"{host}\""), &mut e);
@@ -309,6 +429,26 @@ pub fn validate(c: &Config, file: &str) -> Result<(), Vec<ConfigError>> {
         Ok(())
     } else {
         Err(e.list)
+    }
+}
+
+fn validate_tls(tls: &TlsConfig, e: &mut Errors) {
+    let before = e.list.len();
+    let pairs = std::iter::once(("tls".to_string(), &tls.cert_path, &tls.key_path)).chain(
+        tls.certificates
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("tls.certificates[{i}]"), &p.cert_path, &p.key_path)),
+    );
+    for (at, cert, key) in pairs {
+        check_file(cert, &format!("{at}.cert_path"), "TLS certificate file", e);
+        check_file(key, &format!("{at}.key_path"), "TLS private key file", e);
+    }
+    // Read them only when they all exist: one error per missing file is enough.
+    if e.list.len() == before {
+        if let Err((key, why)) = super::tls::Certificates::load(tls) {
+            e.add(key, why);
+        }
     }
 }
 

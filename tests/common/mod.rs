@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod certs;
 
 use std::fs::File;
 use std::io::{Read, Write};
