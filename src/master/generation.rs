@@ -179,11 +179,19 @@ impl Generations {
         let count = self.env.groups[0].sockets.len();
         let health = config.upstreams.values().any(|u| u.health_check.is_some());
         // Keys are read here, by root, on every start and reload (certificates reload too).
+        // Session tickets are sealed with the region's keys: any worker of any generation
+        // opens them.
         let tls = match &config.tls {
-            Some(t) => Some(
-                shared::tls::server_config(t, None)
-                    .map_err(|(key, why)| anyhow!("`{key}`: {why}"))?,
-            ),
+            Some(t) => {
+                let tickets = shared::tickets::SharedTicketer::new(
+                    &self.env.region.header.tickets,
+                    t.session_ticket_rotation_secs,
+                );
+                Some(
+                    shared::tls::server_config(t, Some(Arc::new(tickets)))
+                        .map_err(|(key, why)| anyhow!("`{key}`: {why}"))?,
+                )
+            }
             None => None,
         };
         let identity = shared::worker_identity(&config.security).map_err(|e| anyhow!(e))?;

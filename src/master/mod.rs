@@ -124,6 +124,7 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
         builtin: matches!(source, ConfigSource::Builtin),
     };
     let mut gens = Generations::new(env);
+    rotate_ticket_keys(&shm, &config);
     gens.start(config.clone())
         .context("cannot start the first generation")?;
     let mut up = Upgrade {
@@ -188,6 +189,7 @@ fn cycle(
             }
         }
 
+        rotate_ticket_keys(&up.shm, &config);
         if std::mem::take(&mut flags.reap) {
             for pid in gens.reap() {
                 if up.child == Some(pid) {
@@ -239,6 +241,7 @@ fn cycle(
             notify.reloading();
             reloading = true;
             let started = reload(source, &config).and_then(|new| {
+                rotate_ticket_keys(&up.shm, &new);
                 gens.start(new.clone())
                     .map(|()| new)
                     .map_err(|e| format!("{e:#}"))
@@ -285,6 +288,17 @@ fn cycle(
             // The first generation could not start: a master without workers serves nobody.
             bail!("no generation of workers is left to serve (see the errors above)");
         }
+    }
+}
+
+/// With `[tls]`: makes the first session-ticket key, or the next one when the current one is
+/// due (two atomic loads when it is not).
+fn rotate_ticket_keys(shm: &Shm, config: &Config) {
+    if let Some(tls) = &config.tls {
+        shared::tickets::rotate_if_due(
+            &shm.region().header.tickets,
+            tls.session_ticket_rotation_secs,
+        );
     }
 }
 

@@ -190,6 +190,10 @@ pub struct TlsConfig {
     pub ktls_enabled: bool,
     #[serde(default = "yes")]
     pub ktls_fallback_enabled: bool,
+    /// How often the master makes a new session-ticket key (the previous one still decrypts
+    /// for one more period).
+    #[serde(default = "twelve_hours")]
+    pub session_ticket_rotation_secs: u64,
     /// `[[tls.certificates]]`: more pairs, each chosen by SNI against its SAN DNS names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificatePair>,
@@ -201,6 +205,10 @@ pub struct TlsConfig {
 pub struct CertificatePair {
     pub cert_path: String,
     pub key_path: String,
+}
+
+fn twelve_hours() -> u64 {
+    12 * 3600
 }
 
 fn yes() -> bool {

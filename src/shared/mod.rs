@@ -8,6 +8,7 @@ pub mod metrics;
 #[cfg(test)]
 pub mod prop;
 pub mod shm;
+pub mod tickets;
 pub mod tls;
 pub mod url;
 pub mod validate;

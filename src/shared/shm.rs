@@ -22,6 +22,13 @@
 //!   raising the count; readers look only below the `Acquire`d count, at published entries.
 //!   A master scans entries in order and waits for one being written, so two masters that
 //!   register the same name concurrently find the same entry.
+//! * Session-ticket keys (`TicketKeys`) are the one thing a master rewrites: a ring of entries,
+//!   each behind a sequence lock. A master claims the entry of the next key by moving its
+//!   sequence from even to odd (a compare-and-swap, so of two masters one writes), writes it,
+//!   makes the sequence even again, and only then publishes the key's number in `current`.
+//!   Readers copy an entry and keep the copy only if the sequence was the same even value
+//!   before and after; they use only `current` and the key before it, never the entry being
+//!   written (the ring has room for both and the next).
 
 use std::cell::UnsafeCell;
 use std::fs::File;
@@ -89,6 +96,52 @@ pub struct Header {
     pub connections: AtomicI64,
     /// Sliding-window request counts per (route, client address), for rate limits.
     rates: [RateEntry; RATE_ENTRIES],
+    /// TLS session-ticket keys, shared by every worker of every generation and master.
+    pub tickets: TicketKeys,
+}
+
+/// Entries of the ticket-key ring: the current key, the previous one, the next one being
+/// written, and one spare.
+const TICKET_KEYS: usize = 4;
+/// A key's name (sent in clear at the front of each ticket) and its AES-256 key.
+pub const TICKET_NAME_LEN: usize = 16;
+pub const TICKET_KEY_LEN: usize = 32;
+const TICKET_WORDS: usize = (TICKET_NAME_LEN + TICKET_KEY_LEN) / 8;
+
+/// The session-ticket keys (see the protocol at the top).
+#[repr(C)]
+pub struct TicketKeys {
+    /// Number of the key that encrypts now; 0 until a master made the first one.
+    current: AtomicU64,
+    /// When the current key was made, in the unit of `rotate`'s `now` (the masters use
+    /// milliseconds of `CLOCK_BOOTTIME`: the same clock in every process of the machine).
+    made_at: AtomicU64,
+    entries: [TicketKeyEntry; TICKET_KEYS],
+}
+
+#[repr(C)]
+struct TicketKeyEntry {
+    /// Odd while a master writes the entry.
+    seq: AtomicU64,
+    /// Which key the entry holds (its number), 0 for none.
+    number: AtomicU64,
+    /// Name, then key, as native-endian words.
+    material: [AtomicU64; TICKET_WORDS],
+}
+
+/// A ticket key as read from the region.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TicketKey {
+    pub number: u64,
+    pub name: [u8; TICKET_NAME_LEN],
+    pub key: [u8; TICKET_KEY_LEN],
+}
+
+impl std::fmt::Debug for TicketKey {
+    // Never the key itself: this may end up in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TicketKey #{}", self.number)
+    }
 }
 
 /// One (route, client) of the rate limiter: this minute's count and the previous minute's.
@@ -367,6 +420,118 @@ fn register<'a, const N: usize>(
         }
     }
     None
+}
+
+impl TicketKeys {
+    /// The key to encrypt with; `None` before the first one is made.
+    pub fn current(&self) -> Option<TicketKey> {
+        let number = self.current.load(Acquire);
+        self.read(number)
+    }
+
+    /// The current or the previous key whose name is `name`: a ticket made with any other key
+    /// does not decrypt.
+    pub fn named(&self, name: &[u8]) -> Option<TicketKey> {
+        let number = self.current.load(Acquire);
+        [number, number.saturating_sub(1)]
+            .into_iter()
+            .filter_map(|n| self.read(n))
+            .find(|k| k.name[..] == *name)
+    }
+
+    /// Key `number`, if its entry holds it and is not being written.
+    fn read(&self, number: u64) -> Option<TicketKey> {
+        if number == 0 {
+            return None;
+        }
+        let e = &self.entries[(number % TICKET_KEYS as u64) as usize];
+        // A copy torn by a writer is retried; a master killed mid-write leaves the sequence
+        // odd for good, and then this key is unreadable (no tickets until the next one).
+        for _ in 0..16 {
+            let before = e.seq.load(Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let n = e.number.load(Relaxed);
+            let words: [u64; TICKET_WORDS] = std::array::from_fn(|i| e.material[i].load(Relaxed));
+            std::sync::atomic::fence(Acquire);
+            if e.seq.load(Relaxed) != before {
+                continue;
+            }
+            if n != number {
+                return None;
+            }
+            let mut bytes = [0u8; TICKET_NAME_LEN + TICKET_KEY_LEN];
+            for (chunk, w) in bytes.chunks_exact_mut(8).zip(words) {
+                chunk.copy_from_slice(&w.to_ne_bytes());
+            }
+            let mut key = TicketKey {
+                number,
+                name: [0; TICKET_NAME_LEN],
+                key: [0; TICKET_KEY_LEN],
+            };
+            key.name.copy_from_slice(&bytes[..TICKET_NAME_LEN]);
+            key.key.copy_from_slice(&bytes[TICKET_NAME_LEN..]);
+            return Some(key);
+        }
+        None
+    }
+
+    /// Makes the next key if there is none yet or the current one is `interval` old at `now`
+    /// (masters only; both in one unit). `fresh` gives the new name and key (from the OS RNG). Returns the
+    /// new key's number when this call made it: `None` when none was due, when another master
+    /// got there first, or when `fresh` failed.
+    pub fn rotate(
+        &self,
+        now: u64,
+        interval: u64,
+        fresh: impl FnOnce() -> Option<[u8; TICKET_NAME_LEN + TICKET_KEY_LEN]>,
+    ) -> Option<u64> {
+        let current = self.current.load(Acquire);
+        let made_at = self.made_at.load(Acquire);
+        if current != 0 && now.saturating_sub(made_at) < interval {
+            return None;
+        }
+        let next = current + 1;
+        let e = &self.entries[(next % TICKET_KEYS as u64) as usize];
+        let seq = e.seq.load(Acquire);
+        if seq % 2 == 1
+            || e.seq
+                .compare_exchange(seq, seq + 1, AcqRel, Acquire)
+                .is_err()
+        {
+            return None;
+        }
+        // No reader that sees one of the words below may miss the odd sequence.
+        std::sync::atomic::fence(Release);
+        // This process alone writes the entry now; another master may have written key
+        // `next` already, and then it stays.
+        let made = e.number.load(Relaxed) < next;
+        if made {
+            match fresh() {
+                Some(bytes) => {
+                    for (w, chunk) in e.material.iter().zip(bytes.chunks_exact(8)) {
+                        let mut word = [0u8; 8];
+                        word.copy_from_slice(chunk);
+                        w.store(u64::from_ne_bytes(word), Relaxed);
+                    }
+                    e.number.store(next, Relaxed);
+                }
+                None => {
+                    e.seq.store(seq + 2, Release);
+                    return None;
+                }
+            }
+        }
+        e.seq.store(seq + 2, Release);
+        if !made {
+            return None;
+        }
+        self.made_at.store(now, Release);
+        self.current.fetch_max(next, AcqRel);
+        Some(next)
+    }
 }
 
 impl Header {

@@ -450,6 +450,14 @@ fn validate_tls(tls: &TlsConfig, e: &mut Errors) {
             e.add(key, why);
         }
     }
+    if tls.session_ticket_rotation_secs == 0 {
+        e.add("tls.session_ticket_rotation_secs", "must be at least 1");
+    }
+    check_duration(
+        "tls.session_ticket_rotation_secs",
+        tls.session_ticket_rotation_secs,
+        e,
+    );
 }
 
 fn validate_server(c: &Config, e: &mut Errors) {
@@ -1072,6 +1080,7 @@ mod props {
         ("cert_path", Str(DIRS)),
         ("key_path", Str(DIRS)),
         ("ktls_enabled", Bool),
+        ("session_ticket_rotation_secs", Int),
     ];
     const FILE_ROUTE: &[(&str, Kind)] = &[
         ("path", Str(&["/tmp", "/etc/hostname", "/nonexistent"])),
