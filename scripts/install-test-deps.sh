@@ -4,8 +4,10 @@
 # namespace for the built-in-default test), slowhttptest (slowloris, slow-body and slow-read
 # clients), systemd (`systemd-analyze verify` of the unit file); for the kTLS VM (scripts/ktls-vm.sh, which also fetches the linux-image-cloud-amd64
 # and busybox-static packages itself and unpacks them under target/), without recommends:
-# qemu-system-x86, cpio, kmod (modinfo), binutils (objcopy) and openssl; and, from PyPI,
-# kosoku (the Autobahn WebSocket fuzzing client). Does nothing when all are present.
+# qemu-system-x86, cpio, kmod (modinfo), binutils (objcopy) and openssl (also the SNI and
+# resumption tests' s_client and key-format conversion); and, from PyPI, kosoku (the Autobahn
+# WebSocket fuzzing client) and sslyze (the Mozilla TLS configuration check). Does nothing when
+# all are present.
 set -euo pipefail
 
 need=()
@@ -37,4 +39,9 @@ fi
 if ! python3 -c 'import kosoku' >/dev/null 2>&1; then
   echo "installing kosoku (PyPI)"
   python3 -m pip install --quiet kosoku
+fi
+
+if ! python3 -c 'import sslyze' >/dev/null 2>&1; then
+  echo "installing sslyze (PyPI)"
+  python3 -m pip install --quiet sslyze
 fi

@@ -3,7 +3,10 @@
 //! operator's files would be (openssl converts them: rcgen writes PKCS#8 only, and ring cannot
 //! make RSA keys).
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -64,6 +67,7 @@ impl Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.distinguished_name.push(DnType::CommonName, name);
         let pem = params.self_signed(&key).unwrap().pem();
         Ca {
@@ -73,7 +77,8 @@ impl Ca {
     }
 
     /// A leaf for `names` (DNS names, or IP addresses), common name `cn`, valid from yesterday
-    /// for 90 days (Mozilla's recommended lifespan).
+    /// for 90 days (Mozilla's recommended lifespan), with the extensions a strict RFC 5280
+    /// verifier (sslyze's) asks for.
     pub fn issue(&self, cn: &str, names: &[&str], kind: Kind, format: KeyFormat) -> Leaf {
         let pkcs8 = match kind {
             Kind::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -101,6 +106,9 @@ impl Ca {
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(89);
