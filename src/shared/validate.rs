@@ -980,6 +980,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn key_paths_keep_indices_and_quotes() {
+        use Seg::*;
+        let k = |s: &str| Key(s.to_string());
+        for (key, segs) in [
+            (
+                "tls.certificates[1].key_path",
+                vec![k("tls"), k("certificates"), Index(1), k("key_path")],
+            ),
+            (
+                "path_routes.\"a.b\".\"/x\".url",
+                vec![k("path_routes"), k("a.b"), k("/x"), k("url")],
+            ),
+            // Inside quotes, `[0]` is part of the name.
+            ("host_routes.\"a[0]\"", vec![k("host_routes"), k("a[0]")]),
+            ("path_routes.\"\".x", vec![k("path_routes"), k(""), k("x")]),
+        ] {
+            assert_eq!(split_key(key), segs, "{key}");
+            assert_eq!(join_key(&segs), key);
+        }
+    }
+
+    #[test]
+    fn the_table_of_an_error_names_array_entries_and_header_parents() {
+        let text = "[tls]\na = 1\n[[tls.certificates]]\nx = 1\n[[tls.certificates]]\ny = 2\n[path_routes.\"a]b\".\"/\"]\nz = 3\n";
+        let at = |needle: &str| text.find(needle).unwrap();
+        assert_eq!(enclosing_table(text, at("a = 1")), "tls");
+        assert_eq!(enclosing_table(text, at("x = 1")), "tls.certificates[0]");
+        assert_eq!(enclosing_table(text, at("y = 2")), "tls.certificates[1]");
+        assert_eq!(
+            enclosing_table(text, at("z = 3")),
+            "path_routes.\"a]b\".\"/\""
+        );
+        // Inside a header: the part before the error (an unknown table's parent).
+        assert_eq!(enclosing_table(text, at("certificates")), "tls");
+        assert_eq!(enclosing_table(text, at("[tls]")), "tls");
+    }
+
     /// Nesting deep enough to overflow a recursive parser's stack is a syntax error.
     #[test]
     fn deeply_nested_values_are_errors() {
