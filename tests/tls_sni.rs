@@ -315,8 +315,15 @@ fn a_certificate_swapped_on_disk_reaches_new_connections_after_hup_under_load() 
         "no new connection got the new certificate\n{}",
         s.log()
     );
-    // Once the new generation serves, the old one stops accepting at once: from a moment
-    // later on, every new connection must get the new certificate.
+    // Once the new generation serves, the old one is told to drain and stops accepting: from
+    // a moment later on, every new connection must get the new certificate.
+    assert!(
+        wait_until(Duration::from_secs(10), || s
+            .log()
+            .contains("draining (replaced by generation 2)")),
+        "{}",
+        s.log()
+    );
     let settled = Instant::now() + Duration::from_millis(500);
     let after = count();
     assert!(wait_until(Duration::from_secs(10), || count() >= after + 200));
