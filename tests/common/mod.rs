@@ -563,6 +563,12 @@ pub struct Reap(pub i32);
 
 impl Drop for Reap {
     fn drop(&mut self) {
+        // Stopped first: a master that sees its workers die re-forks them, and a worker forked
+        // after the list below was taken would outlive the test, orphaned.
+        if alive(self.0) {
+            // SAFETY: kill(2) takes plain values and touches no memory of ours.
+            unsafe { libc::kill(self.0, libc::SIGSTOP) };
+        }
         for pid in children_of(self.0).into_iter().chain([self.0]) {
             if alive(pid) {
                 // SAFETY: kill(2) takes plain values and touches no memory of ours.
