@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
-pub const LAYOUT_VERSION: u64 = 3;
+pub const LAYOUT_VERSION: u64 = 4;
 const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
 
 pub const MAX_SLOTS: usize = 256;
