@@ -440,3 +440,20 @@ fn an_idle_tls_connection_holds_no_io_buffers() {
         assert!(got.ends_with("secure hello\n"), "{got}");
     }
 }
+
+#[test]
+fn a_closing_tls_connection_ends_with_close_notify() {
+    let (s, ca, _) = start();
+    let mut tls = connect_tls(&s, &ca);
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: backend.test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    // rustls reports a TCP close without close_notify as UnexpectedEof: a truncation.
+    let end = tls.read_to_end(&mut got);
+    assert!(
+        end.is_ok(),
+        "the server closed without close_notify: {end:?}; got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(String::from_utf8_lossy(&got).ends_with("secure hello\n"));
+}

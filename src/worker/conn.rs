@@ -98,6 +98,11 @@ pub fn serve<S: ClientStream, H: Service + 'static>(
         }
         if conn.linger {
             Box::pin(linger(&mut conn)).await;
+        } else if conn.stream.plain().is_none() {
+            // TLS ends with close_notify, as nginx's SSL_shutdown does, so a client can tell
+            // the end from a cut; one that does not take it within a second is not waited for.
+            conn.limits.set_write(Limit::Each(Duration::from_secs(1)));
+            let _ = Box::pin(monoio::io::AsyncWriteRent::shutdown(&mut conn.stream)).await;
         }
         ctx.give_head(std::mem::take(&mut conn.buf));
     }
