@@ -113,6 +113,21 @@ pub struct LoggingConfig {
     pub max_log_size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_path: Option<String>,
+    /// One line per request, written by each worker; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
+    #[serde(default)]
+    pub access_log_format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// nginx's `combined`, then `$request_time $upstream_addr $upstream_response_time`.
+    #[default]
+    Combined,
+    /// One JSON object a line, with the same fields.
+    Json,
 }
 
 impl Default for LoggingConfig {
@@ -123,6 +138,8 @@ impl Default for LoggingConfig {
             flush_interval_ms: default_flush_interval(),
             max_log_size: default_max_log_size(),
             file_path: None,
+            access_log: None,
+            access_log_format: AccessLogFormat::default(),
         }
     }
 }
@@ -243,6 +260,9 @@ pub struct Route {
     pub redirect_status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preserve_path: Option<bool>,
+    /// `false`: this route's requests are not written to the access log (health checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
     #[serde(default)]
     pub security: RouteSecurity,
 }

@@ -151,6 +151,8 @@ pub struct Slot {
     pub durations: [HistEntry; DUR_ENTRIES],
     pub request_sizes: Hist,
     pub response_sizes: Hist,
+    /// Access log lines this worker dropped because its writer was behind.
+    pub access_log_dropped: AtomicU64,
 }
 
 #[repr(C)]
