@@ -116,12 +116,27 @@ pub struct LoggingConfig {
     /// One line per request, written by each worker; off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<String>,
-    #[serde(default)]
-    pub access_log_format: AccessLogFormat,
+    /// `combined` or `json` (`access_format`): a string, so that a wrong value is reported
+    /// under its own key.
+    #[serde(default = "default_access_log_format")]
+    pub access_log_format: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
+fn default_access_log_format() -> String {
+    "combined".into()
+}
+
+impl LoggingConfig {
+    pub fn access_format(&self) -> Option<AccessLogFormat> {
+        match self.access_log_format.as_str() {
+            "combined" => Some(AccessLogFormat::Combined),
+            "json" => Some(AccessLogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AccessLogFormat {
     /// nginx's `combined`, then `$request_time $upstream_addr $upstream_response_time`.
     #[default]
@@ -139,7 +154,7 @@ impl Default for LoggingConfig {
             max_log_size: default_max_log_size(),
             file_path: None,
             access_log: None,
-            access_log_format: AccessLogFormat::default(),
+            access_log_format: default_access_log_format(),
         }
     }
 }

@@ -10,8 +10,6 @@ use log::{LevelFilter, Log, Metadata, Record};
 use std::fmt::Display;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -120,7 +118,7 @@ pub fn init_direct_owned(
     *LOGGER.role.lock().unwrap_or_else(|p| p.into_inner()) = role.to_string();
     let writer: Box<dyn Write + Send> = match &cfg.file_path {
         Some(path) => {
-            let file = LogFile::open(path, cfg.max_log_size)?;
+            let file = LogFile::open(path)?;
             hand_over(&file.file, path, owner)?;
             Box::new(file)
         }
@@ -159,7 +157,7 @@ pub fn open_log_file(path: &str) -> std::io::Result<File> {
 pub fn open_output(cfg: &LoggingConfig) -> std::io::Result<Box<dyn Write + Send>> {
     Ok(match &cfg.file_path {
         Some(path) => {
-            let file = Arc::new(Mutex::new(LogFile::open(path, cfg.max_log_size)?));
+            let file = Arc::new(Mutex::new(LogFile::open(path)?));
             *WORKER_FILE.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
             Box::new(SharedFile(file))
         }
@@ -196,109 +194,85 @@ pub fn reopen() -> std::io::Result<()> {
 
 /// A log file that several processes append to: it is written whole lines at a time (a
 /// partial line waits for its end), so lines of two processes never interleave and a
-/// rotation never splits one. Past `max` bytes (0: never) it is renamed to
-/// `PATH.YYYYmmdd-HHMMSS.mmm` and opened again.
+/// rotation (a rename, by logrotate or by the master for `max_log_size`) never splits one.
 pub struct LogFile {
     path: String,
     file: File,
-    max: u64,
     /// The end of a line not written yet.
     pending: Vec<u8>,
-    /// No rotation is tried before the file reaches this size (after a failed one).
-    next_try: u64,
 }
 
 impl LogFile {
-    pub fn open(path: &str, max: u64) -> std::io::Result<LogFile> {
+    pub fn open(path: &str) -> std::io::Result<LogFile> {
         Ok(LogFile {
             path: path.to_string(),
             file: open_log_file(path)?,
-            max,
             pending: Vec::new(),
-            next_try: max,
         })
     }
 
-    /// Opens the path again (logrotate renamed the file, or another process rotated it).
+    /// Opens the path again (the file was renamed: USR1).
     pub fn reopen(&mut self) -> std::io::Result<()> {
         self.file = open_log_file(&self.path)?;
-        self.next_try = self.max;
         Ok(())
     }
 
     fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
         // One write of whole lines, appended: it lands in one piece, whatever the other
         // writers of the file do.
-        self.file.write_all(lines)?;
-        if self.max != 0 {
-            self.rotate_if_full();
-        }
-        Ok(())
+        self.file.write_all(lines)
     }
+}
 
-    fn rotate_if_full(&mut self) {
-        let Ok(size) = self.file.metadata().map(|m| m.len()) else {
-            return;
-        };
-        if size < self.next_try {
-            return;
+/// `max_log_size` (0: never), checked by the master on its tick: each log file (error log,
+/// access log) that reached it is renamed to `PATH.YYYYmmdd-HHMMSS.mmm`. Only the master
+/// renames, so two workers never both rotate a file; the caller then reopens the logs as
+/// for USR1. Until a writer has reopened, its lines still go to the renamed file, whole:
+/// none is lost or split. Returns the renames done.
+pub fn rotate_full(cfg: &LoggingConfig) -> Vec<(String, String)> {
+    let mut done = Vec::new();
+    if cfg.max_log_size == 0 {
+        return done;
+    }
+    for path in [&cfg.file_path, &cfg.access_log].into_iter().flatten() {
+        let full = std::fs::metadata(path).is_ok_and(|m| m.len() >= cfg.max_log_size);
+        if !full {
+            continue;
         }
-        if let Err(e) = self.rotate() {
-            // Not through `log`: this may run under the logger's own lock.
-            eprintln!("cannot rotate {} past {} bytes: {e}", self.path, self.max);
-            self.next_try = size.saturating_add(self.max);
+        let to = rotated_name(path);
+        match std::fs::rename(path, &to) {
+            Ok(()) => done.push((path.clone(), to)),
+            // Once: the master checks again every tick.
+            Err(e) if !ROTATE_FAILED.swap(true, Ordering::Relaxed) => {
+                log::error!("max_log_size: cannot rename {path} to {to}: {e}")
+            }
+            Err(_) => {}
         }
     }
+    done
+}
 
-    /// Several processes write this file and each may find it full: the lock (on the file
-    /// itself, so on the inode they share) lets one rename it; the others then find the
-    /// path on another inode and only reopen. Lines written to the old inode meanwhile land
-    /// in the renamed file: none is lost.
-    fn rotate(&mut self) -> std::io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: `fd` is this open file's descriptor, alive for the call.
-        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let result = self.rename_if_current().and_then(|()| self.reopen());
-        // Reopening dropped the old descriptor, and with it the lock; a failure kept it.
-        if result.is_err() {
-            // SAFETY: as above; the file is still ours.
-            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
-        }
-        result
-    }
+static ROTATE_FAILED: AtomicBool = AtomicBool::new(false);
 
-    fn rename_if_current(&self) -> std::io::Result<()> {
-        let ours = self.file.metadata()?;
-        let current = match std::fs::metadata(&self.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if current.ino() != ours.ino() || current.dev() != ours.dev() {
-            return Ok(());
-        }
-        let t = time::OffsetDateTime::now_utc();
-        let stamp = format!(
-            "{}.{:04}{:02}{:02}-{:02}{:02}{:02}.{:03}",
-            self.path,
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.millisecond()
-        );
-        let mut to = stamp.clone();
-        let mut n = 1;
-        while std::fs::symlink_metadata(&to).is_ok() {
-            to = format!("{stamp}-{n}");
-            n += 1;
-        }
-        std::fs::rename(&self.path, &to)
+fn rotated_name(path: &str) -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{path}.{:04}{:02}{:02}-{:02}{:02}{:02}.{:03}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    );
+    let mut to = stamp.clone();
+    let mut n = 1;
+    while std::fs::symlink_metadata(&to).is_ok() {
+        to = format!("{stamp}-{n}");
+        n += 1;
     }
+    to
 }
 
 impl Write for LogFile {
@@ -348,8 +322,7 @@ impl LineSender {
 
 static LINE_WRITER: Mutex<Option<(SyncSender<LineMsg>, JoinHandle<()>)>> = Mutex::new(None);
 static LINE_REOPEN: AtomicBool = AtomicBool::new(false);
-/// Lines kept before one write: large enough to make writes rare, small enough for a
-/// rotation to land close to `max_log_size`.
+/// Lines kept before one write, at most: writes stay rare under load.
 const BATCH: usize = 64 * 1024;
 
 /// Starts the writer thread for `file` (call after fork: a thread does not survive one).

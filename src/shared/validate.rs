@@ -381,6 +381,15 @@ fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
     if let Some(p) = &l.file_path {
         check_parent_dir(p, "logging.file_path", e);
     }
+    if l.access_format().is_none() {
+        e.add(
+            "logging.access_log_format",
+            format!(
+                "invalid access log format `{}` (combined, json)",
+                l.access_log_format
+            ),
+        );
+    }
     if let Some(p) = &l.access_log {
         check_parent_dir(p, "logging.access_log", e);
         if l.file_path.as_deref() == Some(p.as_str()) {

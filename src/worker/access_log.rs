@@ -39,10 +39,7 @@ pub struct Done {
 
 /// Opens the file (before privileges are dropped, as the error log is).
 pub fn open(cfg: &LoggingConfig) -> std::io::Result<Option<LogFile>> {
-    cfg.access_log
-        .as_deref()
-        .map(|path| LogFile::open(path, cfg.max_log_size))
-        .transpose()
+    cfg.access_log.as_deref().map(LogFile::open).transpose()
 }
 
 impl AccessLog {
@@ -56,7 +53,7 @@ impl AccessLog {
         let lines = log::start_line_writer(file, cfg.channel_size, every)?;
         Ok(AccessLog {
             lines,
-            format: cfg.access_log_format,
+            format: cfg.access_format().unwrap_or_default(),
             dropped,
         })
     }
