@@ -12,6 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn template(backend: &Backend, extra_logging: &str) -> String {
+    // Lines reach the file quickly, unless the test says otherwise.
+    let extra_logging = if extra_logging.contains("flush_interval_ms") {
+        extra_logging.to_string()
+    } else {
+        format!("flush_interval_ms = 20\n{extra_logging}")
+    };
     format!(
         r#"
 [server]
@@ -19,7 +25,6 @@ listen = "127.0.0.1:{{port}}"
 threads = 2
 
 [logging]
-flush_interval_ms = 20
 access_log = "{{dir}}/access.log"
 {extra_logging}
 
@@ -367,4 +372,98 @@ fn max_log_size_rotates_under_load_without_losing_or_splitting_a_line() {
         let size = std::fs::metadata(f).unwrap().len();
         assert!((102_400..1_000_000).contains(&size), "{f:?}: {size}");
     }
+}
+
+#[test]
+fn a_websocket_tunnel_is_logged_at_its_close_with_bytes_both_ways() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ws_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(stream) else {
+                    return;
+                };
+                while let Ok(m) = ws.read() {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                        break;
+                    }
+                    let _ = ws.flush();
+                }
+            });
+        }
+    });
+    let b = Backend::start("b1");
+    let mut s = Server::prepare(&format!(
+        "{}\n[path_routes.\"127.0.0.1\".\"/ws/\"]\ntype = \"Proxy\"\nurl = \"http://127.0.0.1:{ws_port}\"\n",
+        template(&b, "access_log_format = \"json\"")
+    ));
+    s.write_file("www/f.txt", b"hello\n");
+    s.spawn();
+    s.wait_ready();
+    let stream = TcpStream::connect(s.addr()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{}/ws/chat", s.port);
+    let (mut ws, resp) = tungstenite::client(url.as_str(), stream).expect("handshake");
+    assert_eq!(resp.status(), 101);
+    let payload = "x".repeat(10_000);
+    ws.send(tungstenite::Message::text(payload.clone()))
+        .unwrap();
+    assert_eq!(ws.read().unwrap().into_text().unwrap().as_str(), payload);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        lines(&s.path("access.log")).is_empty(),
+        "no line while the tunnel is open"
+    );
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+    let got = wait_lines(&s.path("access.log"), 1);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    let check = r#"
+import json, sys
+row = json.loads(sys.argv[1])
+assert row["request"] == "GET /ws/chat HTTP/1.1", row
+assert row["status"] == 101, row
+# A 10,000-byte message framed each way (the client's is masked), and the close frames.
+assert 10_004 <= row["body_bytes_sent"] < 10_100, row
+assert 10_008 <= row["request_body_bytes"] < 10_100, row
+assert row["upstream_addr"] == "127.0.0.1:" + sys.argv[2], row
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(check)
+        .arg(&got[0])
+        .arg(ws_port.to_string())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        got[0]
+    );
+}
+
+#[test]
+fn lines_still_buffered_are_written_when_a_worker_exits() {
+    let b = Backend::start("b1");
+    // No flush before the exit: the lines are in the writer's batch until then.
+    let mut s = start(&b, "flush_interval_ms = 600000");
+    for _ in 0..50 {
+        let status = send(
+            &s,
+            "GET /f HTTP/1.1\r\nHost: localhost\r\nUser-Agent: load\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(status, 200);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let path = s.path("access.log");
+    assert!(lines(&path).is_empty(), "flushed before the exit");
+    s.signal(libc::SIGQUIT);
+    assert!(s.wait_exit(Duration::from_secs(20)).is_some());
+    let got = lines(&path);
+    got.iter().for_each(|l| assert_whole(l));
+    assert_eq!(got.len(), 50, "{}", s.log());
 }
