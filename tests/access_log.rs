@@ -40,8 +40,13 @@ access_log = false
 [path_routes."localhost"."/api/"]
 type = "Proxy"
 url = "{b}/"
+
+[path_routes."localhost"."/down/"]
+type = "Proxy"
+url = "http://127.0.0.1:{down}/"
 "#,
-        b = backend.url()
+        b = backend.url(),
+        down = free_port()
     )
 }
 
@@ -347,6 +352,7 @@ fn rename_then_usr1_moves_new_lines_to_the_new_file_and_loses_none() {
     });
     let in_old = lines(&old).len();
     let in_new = lines(&path).len();
+    println!("old file {in_old} lines, new file {in_new}");
     assert_eq!(count_lines(&files), TOTAL, "old {in_old}, new {in_new}");
     assert!(in_old >= TOTAL / 2, "old {in_old}");
     assert!(in_new > 0, "nothing in the reopened file (old {in_old})");
@@ -367,6 +373,11 @@ fn max_log_size_rotates_under_load_without_losing_or_splitting_a_line() {
     assert_eq!(count_lines(&files), TOTAL, "{files:?}");
     // About 120 bytes a line: 1.2 MB in files of 100 KiB and what came in before the
     // master's next check (a tenth of a second) and the workers' reopening.
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .collect();
+    println!("{} files, sizes {sizes:?}", files.len());
     assert!(files.len() >= 3, "{files:?}\n{}", s.log());
     for f in files.iter().filter(|f| !f.ends_with("access.log")) {
         let size = std::fs::metadata(f).unwrap().len();
@@ -466,4 +477,64 @@ fn lines_still_buffered_are_written_when_a_worker_exits() {
     let got = lines(&path);
     got.iter().for_each(|l| assert_whole(l));
     assert_eq!(got.len(), 50, "{}", s.log());
+}
+
+#[test]
+fn proxy_errors_are_logged() {
+    let b = Backend::start("b1");
+    let s = start(&b, "");
+    let status = send(&s, "GET /down/x HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    assert_eq!(status, 502);
+    let got = wait_lines(&s.path("access.log"), 1);
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].contains("\"GET /down/x HTTP/1.1\" 502 "),
+        "{}",
+        got[0]
+    );
+}
+
+#[test]
+fn max_log_size_rotates_the_error_log_too() {
+    let b = Backend::start("b1");
+    let mut s = Server::prepare(&template(
+        &b,
+        "max_log_size = 2048\nfile_path = \"{dir}/error.log\"",
+    ));
+    s.write_file("www/f.txt", b"hello\n");
+    s.spawn();
+    s.wait_ready();
+    let dir = s.dir.path().to_path_buf();
+    let error_logs = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("error.log"))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    // Each reload writes a few lines to the error log.
+    for _ in 0..6 {
+        s.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || error_logs().len() >= 2),
+        "{:?}",
+        error_logs()
+    );
+    for f in error_logs() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for line in text.lines() {
+            assert!(
+                line.starts_with("20") && line.contains(" ["),
+                "{f:?}: {line:?}"
+            );
+        }
+    }
 }
