@@ -217,6 +217,13 @@ fn cycle(
         if std::mem::take(&mut flags.reopen) {
             reopen_logs(&config, gens);
         }
+        let rotated = shared::log::rotate_full(&config.logging);
+        if !rotated.is_empty() {
+            for (from, to) in &rotated {
+                log::info!("max_log_size: {from} renamed to {to}");
+            }
+            reopen_logs(&config, gens);
+        }
         if (flags.terminate || flags.quit) && !quitting && up.child.is_none() {
             // After an upgrade this master stops, not the service: the new master is MAINPID.
             notify.stopping("stopping: draining the workers");

@@ -7,6 +7,7 @@ use super::WorkerStart;
 pub const EXIT_STARTUP_FAILED: i32 = 2;
 
 pub fn exit(code: i32) -> ! {
+    super::log::stop_line_writer();
     log::logger().flush();
     std::process::exit(code)
 }

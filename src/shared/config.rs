@@ -113,6 +113,36 @@ pub struct LoggingConfig {
     pub max_log_size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_path: Option<String>,
+    /// One line per request, written by each worker; off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
+    /// `combined` or `json` (`access_format`): a string, so that a wrong value is reported
+    /// under its own key.
+    #[serde(default = "default_access_log_format")]
+    pub access_log_format: String,
+}
+
+fn default_access_log_format() -> String {
+    "combined".into()
+}
+
+impl LoggingConfig {
+    pub fn access_format(&self) -> Option<AccessLogFormat> {
+        match self.access_log_format.as_str() {
+            "combined" => Some(AccessLogFormat::Combined),
+            "json" => Some(AccessLogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLogFormat {
+    /// nginx's `combined`, then `$request_time $upstream_addr $upstream_response_time`.
+    #[default]
+    Combined,
+    /// One JSON object a line, with the same fields.
+    Json,
 }
 
 impl Default for LoggingConfig {
@@ -123,6 +153,8 @@ impl Default for LoggingConfig {
             flush_interval_ms: default_flush_interval(),
             max_log_size: default_max_log_size(),
             file_path: None,
+            access_log: None,
+            access_log_format: default_access_log_format(),
         }
     }
 }
@@ -263,6 +295,9 @@ pub struct Route {
     pub redirect_status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preserve_path: Option<bool>,
+    /// `false`: this route's requests are not written to the access log (health checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
     #[serde(default)]
     pub security: RouteSecurity,
 }

@@ -10,7 +10,10 @@ use log::{LevelFilter, Log, Metadata, Record};
 use std::fmt::Display;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub fn parse_level(s: &str) -> Option<LevelFilter> {
@@ -46,6 +49,7 @@ static LOGGER: Dispatcher = Dispatcher {
 };
 
 struct Stderr;
+
 impl Write for Stderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         std::io::stderr().write(buf)
@@ -114,18 +118,28 @@ pub fn init_direct_owned(
     *LOGGER.role.lock().unwrap_or_else(|p| p.into_inner()) = role.to_string();
     let writer: Box<dyn Write + Send> = match &cfg.file_path {
         Some(path) => {
-            let file = open_log_file(path)?;
-            if let Some((uid, gid)) = owner {
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid)).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("cannot hand {path} to uid {uid}: {e}"))
-                })?;
-            }
+            let file = LogFile::open(path)?;
+            hand_over(&file.file, path, owner)?;
             Box::new(file)
         }
         None => Box::new(Stderr),
     };
+    // The access log is the workers': the master only creates it and hands it to their user,
+    // who may not be allowed to create files where root keeps logs.
+    if let Some(path) = &cfg.access_log {
+        hand_over(&open_log_file(path)?, path, owner)?;
+    }
     *LOGGER.sink.lock().unwrap_or_else(|p| p.into_inner()) = Sink::Direct(writer);
     log::set_max_level(parse_level(&cfg.level).unwrap_or(LevelFilter::Info));
+    Ok(())
+}
+
+fn hand_over(file: &File, path: &str, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot hand {path} to uid {uid}: {e}"))
+        })?;
+    }
     Ok(())
 }
 
@@ -143,9 +157,8 @@ pub fn open_log_file(path: &str) -> std::io::Result<File> {
 pub fn open_output(cfg: &LoggingConfig) -> std::io::Result<Box<dyn Write + Send>> {
     Ok(match &cfg.file_path {
         Some(path) => {
-            let file = Arc::new(Mutex::new(open_log_file(path)?));
-            *WORKER_FILE.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((path.clone(), file.clone()));
+            let file = Arc::new(Mutex::new(LogFile::open(path)?));
+            *WORKER_FILE.lock().unwrap_or_else(|p| p.into_inner()) = Some(file.clone());
             Box::new(SharedFile(file))
         }
         None => Box::new(Stderr),
@@ -153,9 +166,9 @@ pub fn open_output(cfg: &LoggingConfig) -> std::io::Result<Box<dyn Write + Send>
 }
 
 /// The log file of this worker, shared with its logger thread so that USR1 can swap it.
-static WORKER_FILE: Mutex<Option<(String, Arc<Mutex<File>>)>> = Mutex::new(None);
+static WORKER_FILE: Mutex<Option<Arc<Mutex<LogFile>>>> = Mutex::new(None);
 
-struct SharedFile(Arc<Mutex<File>>);
+struct SharedFile(Arc<Mutex<LogFile>>);
 
 impl Write for SharedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -169,14 +182,226 @@ impl Write for SharedFile {
 /// USR1 in a worker (logrotate): opens the log file's path again. The master has already
 /// reopened it and handed it to the workers' user.
 pub fn reopen() -> std::io::Result<()> {
+    request_line_writer_reopen();
     let guard = WORKER_FILE.lock().unwrap_or_else(|p| p.into_inner());
-    let Some((path, file)) = guard.as_ref() else {
+    let Some(file) = guard.as_ref() else {
         return Ok(());
     };
     log::logger().flush();
-    let fresh = open_log_file(path)?;
-    *file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-    Ok(())
+    let result = file.lock().unwrap_or_else(|p| p.into_inner()).reopen();
+    result
+}
+
+/// A log file that several processes append to: it is written whole lines at a time (a
+/// partial line waits for its end), so lines of two processes never interleave and a
+/// rotation (a rename, by logrotate or by the master for `max_log_size`) never splits one.
+pub struct LogFile {
+    path: String,
+    file: File,
+    /// The end of a line not written yet.
+    pending: Vec<u8>,
+}
+
+impl LogFile {
+    pub fn open(path: &str) -> std::io::Result<LogFile> {
+        Ok(LogFile {
+            path: path.to_string(),
+            file: open_log_file(path)?,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Opens the path again (the file was renamed: USR1).
+    pub fn reopen(&mut self) -> std::io::Result<()> {
+        self.file = open_log_file(&self.path)?;
+        Ok(())
+    }
+
+    fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        // One write of whole lines, appended: it lands in one piece, whatever the other
+        // writers of the file do.
+        self.file.write_all(lines)
+    }
+}
+
+/// `max_log_size` (0: never), checked by the master on its tick: each log file (error log,
+/// access log) that reached it is renamed to `PATH.YYYYmmdd-HHMMSS.mmm`. Only the master
+/// renames, so two workers never both rotate a file; the caller then reopens the logs as
+/// for USR1. Until a writer has reopened, its lines still go to the renamed file, whole:
+/// none is lost or split. Returns the renames done.
+pub fn rotate_full(cfg: &LoggingConfig) -> Vec<(String, String)> {
+    let mut done = Vec::new();
+    if cfg.max_log_size == 0 {
+        return done;
+    }
+    for path in [&cfg.file_path, &cfg.access_log].into_iter().flatten() {
+        let full = std::fs::metadata(path).is_ok_and(|m| m.len() >= cfg.max_log_size);
+        if !full {
+            continue;
+        }
+        let to = rotated_name(path);
+        match std::fs::rename(path, &to) {
+            Ok(()) => done.push((path.clone(), to)),
+            // Once: the master checks again every tick.
+            Err(e) if !ROTATE_FAILED.swap(true, Ordering::Relaxed) => {
+                log::error!("max_log_size: cannot rename {path} to {to}: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+    done
+}
+
+static ROTATE_FAILED: AtomicBool = AtomicBool::new(false);
+
+fn rotated_name(path: &str) -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let stamp = format!(
+        "{path}.{:04}{:02}{:02}-{:02}{:02}{:02}.{:03}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    );
+    let mut to = stamp.clone();
+    let mut n = 1;
+    while std::fs::symlink_metadata(&to).is_ok() {
+        to = format!("{stamp}-{n}");
+        n += 1;
+    }
+    to
+}
+
+impl Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() {
+            match buf.iter().rposition(|&b| b == b'\n') {
+                Some(end) => {
+                    self.pending.extend_from_slice(&buf[end + 1..]);
+                    self.write_lines(&buf[..=end])?;
+                }
+                None => self.pending.extend_from_slice(buf),
+            }
+            return Ok(buf.len());
+        }
+        self.pending.extend_from_slice(buf);
+        if let Some(end) = self.pending.iter().rposition(|&b| b == b'\n') {
+            let rest = self.pending.split_off(end + 1);
+            let lines = std::mem::replace(&mut self.pending, rest);
+            self.write_lines(&lines)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum LineMsg {
+    Line(Vec<u8>),
+    /// Look at the reopen flag now.
+    Wake,
+    Stop,
+}
+
+/// A bounded channel of lines to a thread that appends them to a `LogFile`, in batches of
+/// whole lines: what a worker's access log goes through. The worker never waits: a full
+/// channel drops the line (`send` says so, for the caller to count).
+#[derive(Clone)]
+pub struct LineSender(SyncSender<LineMsg>);
+
+impl LineSender {
+    /// `false`: the line was dropped (the writer is behind, or gone).
+    pub fn send(&self, line: Vec<u8>) -> bool {
+        self.0.try_send(LineMsg::Line(line)).is_ok()
+    }
+}
+
+static LINE_WRITER: Mutex<Option<(SyncSender<LineMsg>, JoinHandle<()>)>> = Mutex::new(None);
+static LINE_REOPEN: AtomicBool = AtomicBool::new(false);
+/// Lines kept before one write, at most: writes stay rare under load.
+const BATCH: usize = 64 * 1024;
+
+/// Starts the writer thread for `file` (call after fork: a thread does not survive one).
+pub fn start_line_writer(
+    file: LogFile,
+    channel: usize,
+    every: Duration,
+) -> std::io::Result<LineSender> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(channel.max(1));
+    let thread = std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || write_lines(rx, file, every))?;
+    *LINE_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), thread));
+    Ok(LineSender(tx))
+}
+
+fn request_line_writer_reopen() {
+    LINE_REOPEN.store(true, Ordering::Release);
+    if let Some((tx, _)) = LINE_WRITER
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+    {
+        // A full channel means the thread is busy: it sees the flag after this batch.
+        let _ = tx.try_send(LineMsg::Wake);
+    }
+}
+
+/// Writes what the line writer holds and stops it: at exit, so no line is lost.
+pub fn stop_line_writer() {
+    let taken = LINE_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some((tx, thread)) = taken {
+        if tx.send(LineMsg::Stop).is_ok() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write_lines(rx: Receiver<LineMsg>, mut file: LogFile, every: Duration) {
+    let mut batch: Vec<u8> = Vec::with_capacity(BATCH);
+    let mut last = Instant::now();
+    let mut stop = false;
+    while !stop {
+        let wait = every.saturating_sub(last.elapsed());
+        let mut msg = match rx.recv_timeout(wait) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => Some(LineMsg::Stop),
+        };
+        while let Some(m) = msg.take() {
+            match m {
+                LineMsg::Line(line) => batch.extend_from_slice(&line),
+                LineMsg::Wake => {}
+                LineMsg::Stop => {
+                    stop = true;
+                    break;
+                }
+            }
+            if batch.len() >= BATCH {
+                break;
+            }
+            msg = rx.try_recv().ok();
+        }
+        let reopen = LINE_REOPEN.swap(false, Ordering::AcqRel);
+        if stop || reopen || batch.len() >= BATCH || last.elapsed() >= every {
+            if !batch.is_empty() {
+                if let Err(e) = file.write_all(&batch) {
+                    eprintln!("cannot write the access log {}: {e}", file.path);
+                }
+                batch.clear();
+            }
+            last = Instant::now();
+        }
+        if reopen {
+            if let Err(e) = file.reopen() {
+                eprintln!("cannot reopen the access log {}: {e}", file.path);
+            }
+        }
+    }
 }
 
 /// Switches this process to ftlog: a background thread, a bounded channel of

@@ -131,6 +131,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let mut resp_sizes = HistSum::default();
     let mut per_worker: BTreeMap<u64, u64> = BTreeMap::default();
     let mut tls = [0u64; TlsMode::ALL.len()];
+    let mut access_log_dropped = 0u64;
     let connections = region.header.connections.load(Relaxed).max(0);
     for slot in region.used_slots() {
         for e in &slot.req_counts {
@@ -150,6 +151,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             *sum += n.load(Relaxed);
         }
         resp_sizes.add(&slot.response_sizes);
+        access_log_dropped += slot.access_log_dropped.load(Relaxed);
         *per_worker
             .entry(slot.worker_index.load(Relaxed))
             .or_default() += slot.requests.load(Relaxed);
@@ -272,6 +274,12 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             "TLS connections past their handshake, by who processes their records: rustls in the worker, or the kernel (kTLS).",
             MetricType::COUNTER,
             tls_metrics,
+        ),
+        family(
+            "zerocopy_proxy_access_log_dropped_total",
+            "Access log lines dropped because a worker's log writer was behind (never blocks a worker).",
+            MetricType::COUNTER,
+            vec![counter(vec![], access_log_dropped)],
         ),
         family(
             "zerocopy_proxy_upstream_healthy",

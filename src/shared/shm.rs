@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
-pub const LAYOUT_VERSION: u64 = 4;
+pub const LAYOUT_VERSION: u64 = 5;
 const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
 
 pub const MAX_SLOTS: usize = 256;
@@ -206,6 +206,8 @@ pub struct Slot {
     pub response_sizes: Hist,
     /// TLS connections past their handshake, by `TlsMode`.
     pub tls_connections: [AtomicU64; TlsMode::ALL.len()],
+    /// Access log lines this worker dropped because its writer was behind.
+    pub access_log_dropped: AtomicU64,
 }
 
 /// Who processes a TLS connection's records: the `mode` label of

@@ -529,6 +529,24 @@ fn validate_logging(l: &LoggingConfig, e: &mut Errors) {
     if let Some(p) = &l.file_path {
         check_parent_dir(p, "logging.file_path", e);
     }
+    if l.access_format().is_none() {
+        e.add(
+            "logging.access_log_format",
+            format!(
+                "invalid access log format `{}` (combined, json)",
+                l.access_log_format
+            ),
+        );
+    }
+    if let Some(p) = &l.access_log {
+        check_parent_dir(p, "logging.access_log", e);
+        if l.file_path.as_deref() == Some(p.as_str()) {
+            e.add(
+                "logging.access_log",
+                "must not be the error log's file (`logging.file_path`)",
+            );
+        }
+    }
 }
 
 fn validate_security(s: &GlobalSecurity, e: &mut Errors) {
@@ -1098,6 +1116,8 @@ mod props {
         ("flush_interval_ms", Int),
         ("max_log_size", Int),
         ("file_path", Str(DIRS)),
+        ("access_log", Str(DIRS)),
+        ("access_log_format", Str(&["combined", "json", "main"])),
     ];
     const SECURITY: &[(&str, Kind)] = &[
         (

@@ -76,7 +76,7 @@ pub fn serve<S: ClientStream, H: Service + 'static>(
                     }
                     Head::Close => Box::pin(std::future::ready(Exchange::Close)),
                     Head::Error(status) => {
-                        let meta = Meta::unparsed(Instant::now());
+                        let meta = Meta::unparsed(ctx, &conn.buf, conn.ip(), Instant::now());
                         Box::pin(exchange::fail(ctx, &mut conn, status, None, meta))
                     }
                 };
@@ -232,7 +232,7 @@ async fn exchange<S: ClientStream, H: Service>(
         head_len,
         started,
     } = arrived;
-    let meta = Meta::of(&req, started);
+    let meta = Meta::of(ctx, &req, conn.ip(), started);
     let framing = match req.check() {
         Ok(f) => f,
         Err(status) => return exchange::fail(ctx, conn, status, None, meta).await,

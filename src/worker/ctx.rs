@@ -42,6 +42,8 @@ pub struct Ctx {
     heads: BufPool,
     /// Deadlines of the connections that wait for their next request without a buffer.
     pub idle: super::idle::IdleQueue,
+    /// `logging.access_log`, once its writer runs.
+    pub access_log: Option<super::access_log::AccessLog>,
 }
 
 /// One open client connection: counted in the worker (for the drain) and in shared memory
@@ -105,6 +107,7 @@ impl Ctx {
             default_security: RouteSecurity::default(),
             max_connections: start.config.security.max_concurrent_connections as i64,
             limit_logged: Cell::new(None),
+            access_log: None,
         }
     }
 

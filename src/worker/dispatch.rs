@@ -32,7 +32,7 @@ impl Service for Dispatch {
         &self,
         ctx: &Ctx,
         client: &mut Client<S>,
-        incoming: Incoming,
+        mut incoming: Incoming,
     ) -> Exchange<Tunnel> {
         if let Some(r) = self.metrics.answer(ctx.region, &incoming.path, client.ip()) {
             return exchange::answer(ctx, client, incoming, r, None).await;
@@ -47,6 +47,9 @@ impl Service for Dispatch {
             incoming.path,
             m.route.name
         );
+        if !m.route.logged {
+            incoming.meta.access = None;
+        }
         let sec = &m.route.security;
         client
             .limits

@@ -4,6 +4,7 @@
 //! record). It sits under both the connection loop and the proxy, so neither imports the
 //! other.
 
+use super::access_log;
 use super::ctx::Ctx;
 use super::http::body::{self, BodyReader};
 use super::http::client::ClientStream;
@@ -82,7 +83,7 @@ impl<T> Exchange<T> {
     }
 }
 
-/// What the metrics need to know of a request.
+/// What the metrics and the access log need to know of a request.
 pub struct Meta {
     pub method: String,
     /// 0 for an HTTP/1.0 request: a kept connection must then say `Connection: keep-alive`.
@@ -90,31 +91,68 @@ pub struct Meta {
     pub host: String,
     pub started: Instant,
     pub request_bytes: u64,
+    /// The access log's view of the request: `None` when there is no access log, or the
+    /// route silences it.
+    pub access: Option<Box<access_log::Request>>,
 }
 
 impl Meta {
-    pub fn of(req: &Request, started: Instant) -> Meta {
+    pub fn of(ctx: &Ctx, req: &Request, peer: IpAddr, started: Instant) -> Meta {
+        let access = ctx.access_log.as_ref().map(|_| {
+            let version = if req.version == 0 { "1.0" } else { "1.1" };
+            Box::new(access_log::Request {
+                peer,
+                line: format!("{} {} HTTP/{version}", req.method, req.target),
+                referer: req.header("referer").map(access_log::text),
+                user_agent: req.header("user-agent").map(access_log::text),
+                upstream: None,
+            })
+        });
         Meta {
             method: req.method.clone(),
             version: req.version,
             host: req.host(),
             started,
             request_bytes: 0,
+            access,
         }
     }
 
-    /// For an answer to a head that did not parse.
-    pub fn unparsed(started: Instant) -> Meta {
+    /// For an answer to a head that did not parse: `head` is what was read of it.
+    pub fn unparsed(ctx: &Ctx, head: &[u8], peer: IpAddr, started: Instant) -> Meta {
+        let access = ctx.access_log.as_ref().map(|_| {
+            // Its first line, as nginx logs it, cut short: a 414's line is as long as the
+            // head buffer.
+            let end = head
+                .iter()
+                .position(|&b| b == b'\r' || b == b'\n')
+                .unwrap_or(head.len())
+                .min(1024);
+            Box::new(access_log::Request {
+                peer,
+                line: access_log::text(&head[..end]),
+                referer: None,
+                user_agent: None,
+                upstream: None,
+            })
+        });
         Meta {
             method: "OTHER".into(),
             version: 1,
             host: String::new(),
             started,
             request_bytes: 0,
+            access,
         }
     }
 
+    /// Counts the answer in the metrics and writes its access log line.
     pub fn record(&self, ctx: &Ctx, status: u16, response_bytes: u64) {
+        self.record_metrics(ctx, status, response_bytes);
+        self.log_access(ctx, status, response_bytes, self.request_bytes);
+    }
+
+    pub fn record_metrics(&self, ctx: &Ctx, status: u16, response_bytes: u64) {
         ctx.recorder.record(&Outcome {
             method: &self.method,
             host: &self.host,
@@ -123,6 +161,33 @@ impl Meta {
             request_bytes: self.request_bytes,
             response_bytes,
         });
+    }
+
+    /// The access log line alone: a WebSocket tunnel's, at its close.
+    pub fn log_access(&self, ctx: &Ctx, status: u16, sent: u64, received: u64) {
+        if let (Some(log), Some(request)) = (&ctx.access_log, &self.access) {
+            log.write(
+                request,
+                &access_log::Done {
+                    status,
+                    sent,
+                    received,
+                    took: self.started.elapsed(),
+                },
+            );
+        }
+    }
+
+    /// Whether the access log wants this request's line.
+    pub fn logged(&self) -> bool {
+        self.access.is_some()
+    }
+
+    /// The backend that answered (`addr`, when known), the proxy having started at `since`.
+    pub fn upstream(&mut self, addr: Option<SocketAddr>, since: Instant) {
+        if let Some(a) = &mut self.access {
+            a.upstream = Some((addr, since));
+        }
     }
 }
 
@@ -259,6 +324,7 @@ mod tests {
             host: String::new(),
             started: Instant::now(),
             request_bytes: 0,
+            access: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! It serves the sockets it was handed until the master tells it to drain (SIGQUIT) or to
 //! stop (SIGTERM/SIGINT).
 
+mod access_log;
 mod conn;
 mod ctx;
 mod dispatch;
@@ -47,6 +48,8 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     let config: &Config = &start.config;
     let log_output = shared::log::open_output(&config.logging)
         .map_err(|e| format!("cannot open the log file: {e}"))?;
+    let access_file = access_log::open(&config.logging)
+        .map_err(|e| format!("cannot open the access log: {e}"))?;
     drop_privileges(&start)?;
     // Routes open files (memory routes read them whole) and CA files: with the worker's
     // rights, so a config cannot make a worker serve what only root may read.
@@ -65,7 +68,15 @@ fn serve(start: WorkerStart) -> Result<(), String> {
     }
     log_inactive_keys(config, start.index);
     let signals = signals::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let ctx = Rc::new(ctx::Ctx::new(&start));
+    let mut ctx = ctx::Ctx::new(&start);
+    if let Some(file) = access_file {
+        let dropped = &ctx.slot.access_log_dropped;
+        ctx.access_log = Some(
+            access_log::AccessLog::start(file, &config.logging, dropped)
+                .map_err(|e| format!("cannot start the access log: {e}"))?,
+        );
+    }
+    let ctx = Rc::new(ctx);
     let refuse_tls = config.tls.as_ref().map(ktls::decide) == Some(ktls::Mode::Refuse);
     let tls = start.tls.clone().map(|t| (t, refuse_tls));
     runtime.block_on(server::run(ctx, dispatch, start.listeners, signals, tls))
@@ -119,9 +130,6 @@ fn log_inactive_keys(c: &Config, index: usize) {
     let mut notes: Vec<String> = Vec::new();
     if c.performance.huge_pages_enabled {
         notes.push("performance.huge_pages_enabled".into());
-    }
-    if c.logging.file_path.is_some() && c.logging.max_log_size != 0 {
-        notes.push("logging.max_log_size (use logrotate)".into());
     }
     let defaults = crate::shared::config::RouteSecurity::default();
     let polling = c

@@ -27,6 +27,8 @@ pub struct RouteEntry {
     pub handler: Handler,
     pub security: RouteSecurity,
     pub access: Access,
+    /// The route's requests go to the access log (`access_log = false` silences them).
+    pub logged: bool,
 }
 
 pub enum Handler {
@@ -158,6 +160,7 @@ fn entry(name: String, prefix: &str, handler: Handler, route: &Route) -> RouteEn
         prefix: prefix.trim_end_matches('/').to_string(),
         handler,
         security: route.security.clone(),
+        logged: route.access_log != Some(false),
     }
 }
 

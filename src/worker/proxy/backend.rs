@@ -172,6 +172,17 @@ pub async fn connect(target: &Target, timeout: Duration) -> Result<BackendConn, 
 }
 
 impl BackendConn {
+    /// The backend's address, for the access log.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        use nix::sys::socket::{getpeername, SockaddrStorage};
+        let addr: SockaddrStorage = getpeername(self.fd).ok()?;
+        if let Some(v4) = addr.as_sockaddr_in() {
+            return Some(std::net::SocketAddrV4::from(*v4).into());
+        }
+        addr.as_sockaddr_in6()
+            .map(|v6| std::net::SocketAddrV6::from(*v6).into())
+    }
+
     /// An idle pooled connection is usable if the backend has neither closed it nor sent
     /// anything unasked (a peek that would block).
     fn still_open(&self) -> bool {

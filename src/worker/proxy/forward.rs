@@ -18,7 +18,7 @@ use crate::worker::timed::{self, Limit};
 use monoio::io::AsyncWriteRentExt;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The backend's response head, and the connection it came on.
 struct Answered<'a> {
@@ -55,6 +55,7 @@ pub async fn forward<S: ClientStream>(
         client_ip: client.ip(),
         upgrade: is_websocket(&req),
     };
+    let since = Instant::now();
     let answered = match send(ctx, pool, client, route, &p).await {
         Ok(a) => a,
         Err(f) => return failed(ctx, client, f, sec, meta).await,
@@ -67,10 +68,15 @@ pub async fn forward<S: ClientStream>(
         response,
     } = answered;
     meta.request_bytes = request_bytes;
+    if meta.logged() {
+        meta.upstream(bconn.peer(), since);
+    }
     if p.upgrade && response.status == 101 {
         let switched = tunnel::switch(client, sec, &response).await.is_ok();
-        meta.record(ctx, 101, 0);
+        // Counted now; its access log line waits for the tunnel's close, with its bytes.
+        meta.record_metrics(ctx, 101, 0);
         if !switched {
+            meta.log_access(ctx, 101, 0, 0);
             return Exchange::Close;
         }
         return Exchange::Tunnel(Tunnel {
@@ -78,6 +84,7 @@ pub async fn forward<S: ClientStream>(
             backend: bconn,
             early: response.rest,
             idle: Duration::from_secs(sec.websocket_idle_timeout_secs),
+            meta,
         });
     }
     if response.status == 101 {

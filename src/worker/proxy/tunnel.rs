@@ -8,7 +8,7 @@ use super::backend::{BackendConn, BackendStream};
 use super::relay::BackendResponse;
 use crate::shared::config::RouteSecurity;
 use crate::worker::ctx::Ctx;
-use crate::worker::exchange::{apply_route_headers, Client};
+use crate::worker::exchange::{apply_route_headers, Client, Meta};
 use crate::worker::http::client::ClientStream;
 use crate::worker::http::ResponseHead;
 use crate::worker::timed::Limit;
@@ -29,6 +29,8 @@ pub struct Tunnel {
     pub early: Vec<u8>,
     /// The tunnel closes once no byte has crossed for this long.
     pub idle: Duration,
+    /// The upgrade request: its access log line is written at the close.
+    pub meta: Meta,
 }
 
 /// Sends the 101 head to the client. The tunnel itself runs from `run`, which takes the
@@ -67,6 +69,7 @@ pub async fn run<S: ClientStream>(ctx: &Ctx, client: Client<S>, tunnel: Tunnel) 
         backend,
         early: backend_early,
         idle,
+        meta,
     } = tunnel;
     let _active = super::Active::of(ctx, backend_index);
     client.limits.set_read(Limit::None);
@@ -77,11 +80,14 @@ pub async fn run<S: ClientStream>(ctx: &Ctx, client: Client<S>, tunnel: Tunnel) 
         ctx,
         last: &last,
         idle,
+        up: Cell::new(0),
+        down: Cell::new(0),
     };
     match backend.stream {
         BackendStream::Plain(b) => ends.pipe(client, client_early, b, backend_early).await,
         BackendStream::Tls(b) => ends.pipe(client, client_early, b, backend_early).await,
     }
+    meta.log_access(ctx, 101, ends.down.get(), ends.up.get());
 }
 
 /// What both directions of a tunnel share: the time of the last byte either way.
@@ -89,6 +95,9 @@ struct Ends<'a> {
     ctx: &'a Ctx,
     last: &'a Cell<Instant>,
     idle: Duration,
+    /// Bytes written to the backend, and to the client.
+    up: Cell<u64>,
+    down: Cell<u64>,
 }
 
 impl Ends<'_> {
@@ -99,8 +108,8 @@ impl Ends<'_> {
     {
         let (client_r, client_w) = client.into_split();
         let (backend_r, backend_w) = backend.into_split();
-        let up = self.copy(client_r, backend_w, client_early);
-        let down = self.copy(backend_r, client_w, backend_early);
+        let up = self.copy(client_r, backend_w, client_early, &self.up);
+        let down = self.copy(backend_r, client_w, backend_early, &self.down);
         // Either direction ending ends the tunnel: the other copy is dropped, and with it both
         // connections.
         monoio::select! {
@@ -126,11 +135,13 @@ impl Ends<'_> {
         mut from: R,
         mut to: W,
         early: Vec<u8>,
+        moved: &Cell<u64>,
     ) {
         if !early.is_empty() {
             let (res, _) = to.write_all(early).await;
-            if res.is_err() {
-                return;
+            match res {
+                Ok(n) => moved.set(moved.get() + n as u64),
+                Err(_) => return,
             }
         }
         let mut buf = self.ctx.take_buf();
@@ -145,8 +156,9 @@ impl Ends<'_> {
             }
             let (res, back) = to.write_all(buf).await;
             buf = back;
-            if res.is_err() {
-                break;
+            match res {
+                Ok(n) => moved.set(moved.get() + n as u64),
+                Err(_) => break,
             }
         }
         let _ = to.shutdown().await;
