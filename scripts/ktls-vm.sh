@@ -236,7 +236,7 @@ fi
 server=$!
 i=0
 while ! grep -q 'serving (pid' /tmp/server.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-want='the kernel offers kTLS (TLS 1.2: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305; TLS 1.3: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305)'
+want='kTLS: TLS connections are handed to the kernel after their handshake (TLS 1.2: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305; TLS 1.3: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305)'
 if grep -qF "$want" /tmp/server.log; then
   pass "server probe finds the TLS ULP and every cipher"
   grep -F 'kTLS' /tmp/server.log | head -1 | sed 's/^/  /'
@@ -274,8 +274,10 @@ else
   fail "openssl s_client HTTPS GET, TLS 1.3: $got"
 fi
 offloaded=$(grep -c 'kTLS: connection offloaded.*TCP_ULP "tls"' /tmp/server.log)
-if [ "$offloaded" -ge 4 ] && [ "$(stat TlsTxSw)" -gt "$tx0" ] && [ "$(stat TlsRxSw)" -gt "$rx0" ]; then
-  pass "connections run in kTLS: $offloaded with getsockopt(TCP_ULP) = tls; tls_stat TlsTxSw $tx0 -> $(stat TlsTxSw), TlsRxSw $rx0 -> $(stat TlsRxSw)"
+# The log is written asynchronously: the kernel's counters count every connection, the log
+# lines show TCP_ULP for those written by now.
+if [ "$offloaded" -ge 1 ] && [ "$(stat TlsTxSw)" -ge $((tx0 + 4)) ] && [ "$(stat TlsRxSw)" -ge $((rx0 + 4)) ]; then
+  pass "connections run in kTLS: tls_stat TlsTxSw $tx0 -> $(stat TlsTxSw), TlsRxSw $rx0 -> $(stat TlsRxSw)"
   grep -o 'kTLS: connection offloaded.*' /tmp/server.log | sort | uniq -c | sed 's/^/  /'
 else
   fail "connections run in kTLS: $offloaded offloaded, TlsTxSw $tx0 -> $(stat TlsTxSw), TlsRxSw $rx0 -> $(stat TlsRxSw)"

@@ -379,6 +379,9 @@ impl TlsStream<rustls::ServerConnection> {
     /// kept for later, or a failure): then it cannot be handed over and stays in rustls.
     /// Only a handshake run with `whole_records` leaves a stream that can be taken apart.
     #[cfg_attr(not(any(test, feature = "ktls")), allow(dead_code))]
+    // The stream comes back by value once a connection, on the way to rustls: boxing it
+    // would cost an allocation on that path for nothing.
+    #[allow(clippy::result_large_err)]
     pub fn into_parts(mut self) -> Result<(Timed, rustls::ServerConnection, Vec<u8>), Self> {
         if self.failed || !self.pending.is_empty() || self.conn.wants_write() {
             return Err(self);
