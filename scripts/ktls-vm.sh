@@ -161,16 +161,34 @@ echo 'root:x:0:
 nogroup:x:65534:' >"$IMG/etc/group"
 echo '127.0.0.1 localhost ktls.test' >"$IMG/etc/hosts"
 echo 'hello over TLS' >"$IMG/srv/www/hello.txt"
+# debug: the server logs each offloaded connection with getsockopt(TCP_ULP), and why one ends.
 cat >"$IMG/etc/ktls/server.toml" <<'EOF'
 [server]
 listen = "127.0.0.1:8443"
 threads = 1
 shutdown_timeout_secs = 2
 
+[logging]
+level = "debug"
+
 [tls]
 cert_path = "/etc/ktls/server.crt"
 key_path = "/etc/ktls/server.key"
 ktls_enabled = true
+
+[path_routes."*"."/proxied/"]
+type = "Proxy"
+url = "http://127.0.0.1:8080"
+
+[path_routes."*"."/"]
+path = "/srv/www"
+EOF
+# The backend of /proxied/: a second server, plain HTTP.
+cat >"$IMG/etc/ktls/backend.toml" <<'EOF'
+[server]
+listen = "127.0.0.1:8080"
+threads = 1
+pid_file = "/tmp/backend.pid"
 
 [path_routes."*"."/"]
 path = "/srv/www"
@@ -218,7 +236,7 @@ fi
 server=$!
 i=0
 while ! grep -q 'serving (pid' /tmp/server.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-want='the kernel offers kTLS (TLS 1.2: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305; TLS 1.3: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305)'
+want='kTLS: TLS connections are handed to the kernel after their handshake (TLS 1.2: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305; TLS 1.3: AES-GCM-128, AES-GCM-256, ChaCha20-Poly1305)'
 if grep -qF "$want" /tmp/server.log; then
   pass "server probe finds the TLS ULP and every cipher"
   grep -F 'kTLS' /tmp/server.log | head -1 | sed 's/^/  /'
@@ -227,7 +245,10 @@ else
   sed 's/^/  | /' /tmp/server.log | tail -20
 fi
 
-# HTTPS through the server (rustls: connections are not handed to the kernel yet).
+# HTTPS through the server, each connection handed to the kernel after its handshake.
+stat() { awk -v k="$1" '$1 == k {print $2}' /proc/net/tls_stat; }
+tx0=$(stat TlsTxSw)
+rx0=$(stat TlsRxSw)
 for v in 1.2 1.3; do
   got=$(curl -sS --max-time 30 --cacert /etc/ktls/server.crt --tlsv$v --tls-max $v \
     https://ktls.test:8443/hello.txt 2>&1)
@@ -237,6 +258,13 @@ for v in 1.2 1.3; do
     fail "curl HTTPS GET, TLS $v: $got"
   fi
 done
+got=$(curl -sS --max-time 30 --cacert /etc/ktls/server.crt --tlsv1.3 \
+  --tls13-ciphers TLS_CHACHA20_POLY1305_SHA256 https://ktls.test:8443/hello.txt 2>&1)
+if [ "$got" = "hello over TLS" ]; then
+  pass "curl HTTPS GET, TLS 1.3 ChaCha20-Poly1305"
+else
+  fail "curl HTTPS GET, TLS 1.3 ChaCha20-Poly1305: $got"
+fi
 got=$(printf 'GET /hello.txt HTTP/1.1\r\nHost: ktls.test\r\nConnection: close\r\n\r\n' |
   timeout 30 openssl s_client -quiet -tls1_3 -servername ktls.test -verify_return_error \
     -CAfile /etc/ktls/server.crt -connect 127.0.0.1:8443 2>/dev/null | tail -1)
@@ -245,6 +273,68 @@ if [ "$got" = "hello over TLS" ]; then
 else
   fail "openssl s_client HTTPS GET, TLS 1.3: $got"
 fi
+offloaded=$(grep -c 'kTLS: connection offloaded.*TCP_ULP "tls"' /tmp/server.log)
+# The log is written asynchronously: the kernel's counters count every connection, the log
+# lines show TCP_ULP for those written by now.
+if [ "$offloaded" -ge 1 ] && [ "$(stat TlsTxSw)" -ge $((tx0 + 4)) ] && [ "$(stat TlsRxSw)" -ge $((rx0 + 4)) ]; then
+  pass "connections run in kTLS: tls_stat TlsTxSw $tx0 -> $(stat TlsTxSw), TlsRxSw $rx0 -> $(stat TlsRxSw)"
+  grep -o 'kTLS: connection offloaded.*' /tmp/server.log | sort | uniq -c | sed 's/^/  /'
+else
+  fail "connections run in kTLS: $offloaded offloaded, TlsTxSw $tx0 -> $(stat TlsTxSw), TlsRxSw $rx0 -> $(stat TlsRxSw)"
+  sed 's/^/  | /' /tmp/server.log | tail -20
+fi
+
+# 100 MB, static (sendfile through the kernel's TLS) and proxied, byte-exact.
+/bin/zerocopy-server -c /etc/ktls/backend.toml > /tmp/backend.log 2>&1 &
+backend=$!
+dd if=/dev/urandom of=/srv/www/big.bin bs=1M count=100 2>/dev/null
+want=$(sha256sum < /srv/www/big.bin | cut -d' ' -f1)
+i=0
+while ! grep -q 'serving (pid' /tmp/backend.log && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+for what in big.bin proxied/big.bin; do
+  t0=$(date +%s)
+  got=$(curl -sS --max-time 120 --cacert /etc/ktls/server.crt https://ktls.test:8443/$what |
+    sha256sum | cut -d' ' -f1)
+  if [ "$got" = "$want" ]; then
+    pass "100 MB over HTTPS in kTLS, byte-exact: /$what ($(($(date +%s) - t0)) s)"
+  else
+    fail "100 MB over HTTPS in kTLS, byte-exact: /$what: sha256 $got, want $want"
+    sed 's/^/  | /' /tmp/server.log | tail -5
+  fi
+done
+rm -f /srv/www/big.bin
+
+# A TLS 1.3 key update from the client: the stream goes on or closes cleanly, and neither
+# the update nor what follows under the new keys is ever read as data.
+out=$( (printf 'GET /hello.txt HTTP/1.1\r\nHost: ktls.test\r\n\r\n'; sleep 2; echo k; sleep 2
+  printf 'GET /hello.txt HTTP/1.1\r\nHost: ktls.test\r\nConnection: close\r\n\r\n'; sleep 2) |
+  timeout 30 openssl s_client -tls1_3 -servername ktls.test -CAfile /etc/ktls/server.crt \
+    -connect 127.0.0.1:8443 2>&1)
+answers=$(echo "$out" | grep -c '^hello over TLS')
+after=$(curl -sS --max-time 30 --cacert /etc/ktls/server.crt https://ktls.test:8443/hello.txt 2>&1)
+if echo "$out" | grep -q KEYUPDATE && [ "$answers" -ge 1 ] && ! echo "$out" | grep -q 'HTTP/1.1 4' &&
+  { [ "$answers" -eq 2 ] || grep -q 'kTLS connection ends: .*updated its TLS 1.3 keys' /tmp/server.log; } &&
+  [ "$after" = "hello over TLS" ]; then
+  if [ "$answers" -eq 2 ]; then how="re-keyed, the second request answered"; else how="closed cleanly after the first answer"; fi
+  pass "TLS 1.3 key update from the client: $how"
+  grep -o 'kTLS connection ends: .*' /tmp/server.log | head -1 | sed 's/^/  /'
+else
+  fail "TLS 1.3 key update from the client ($answers answers, then: $after)"
+  echo "$out" | tail -30 | sed 's/^/  | /'
+  sed 's/^/  | /' /tmp/server.log | tail -10
+fi
+
+# The metric counts the connections by mode (this request is one more).
+metrics=$(curl -sS --max-time 30 --cacert /etc/ktls/server.crt https://ktls.test:8443/__metrics 2>&1)
+ktls=$(echo "$metrics" | awk '/^zerocopy_proxy_tls_connections_total\{mode="ktls"\}/ {print $2}')
+rustls=$(echo "$metrics" | awk '/^zerocopy_proxy_tls_connections_total\{mode="rustls"\}/ {print $2}')
+if [ "${ktls:-0}" -ge 8 ] && [ "${rustls:-0}" -eq 0 ]; then
+  pass "metric: tls_connections_total ktls $ktls, rustls $rustls"
+else
+  fail "metric: tls_connections_total ktls ${ktls:-none}, rustls ${rustls:-none}"
+  echo "$metrics" | grep tls_connections | sed 's/^/  | /'
+fi
+kill "$backend" 2>/dev/null
 kill "$server" 2>/dev/null
 
 echo "KTLS-VM: $passed passed, $failed failed"

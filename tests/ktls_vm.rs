@@ -2,7 +2,8 @@
 //! (`CONFIG_TLS=m`) under QEMU (TCG) with the server built with `--features ktls`, loads the
 //! `tls` module, and runs the kTLS checks inside over loopback: the offload on real sockets
 //! (both ends in the kernel, the kernel against rustls, alerts and a TLS 1.3 key update never
-//! read as data), the server's probe, HTTPS through the server. This machine's own kernel has
+//! read as data), the server's probe, and the server's connections in kTLS: HTTPS GETs, 100 MB
+//! static and proxied byte-exact, a client's TLS 1.3 key update. This machine's own kernel has
 //! no `tls` module (see tests/tls.rs for what the server does then).
 
 use std::process::Command;
@@ -34,6 +35,13 @@ fn ktls_checks_pass_inside_a_vm() {
         "PASS server probe finds the TLS ULP and every cipher",
         "PASS curl HTTPS GET, TLS 1.2",
         "PASS curl HTTPS GET, TLS 1.3",
+        "PASS curl HTTPS GET, TLS 1.3 ChaCha20-Poly1305",
+        "PASS openssl s_client HTTPS GET, TLS 1.3",
+        "PASS connections run in kTLS",
+        "PASS 100 MB over HTTPS in kTLS, byte-exact: /big.bin",
+        "PASS 100 MB over HTTPS in kTLS, byte-exact: /proxied/big.bin",
+        "PASS TLS 1.3 key update from the client",
+        "PASS metric: tls_connections_total",
     ] {
         assert!(stdout.contains(check), "missing `{check}`\n{stdout}");
     }

@@ -272,10 +272,12 @@ const LINGER_IDLE: Duration = Duration::from_secs(2);
 /// response before the client reads it. So, like nginx's lingering close: stop writing, then
 /// read and drop what still comes, for a bounded time.
 async fn linger<S: ClientStream>(conn: &mut Client<S>) {
-    // Over TLS the half-close would need a close_notify first: such a connection just closes.
+    // Over rustls the half-close would need a close_notify written through the stream first:
+    // such a connection just closes. Plain TCP and kTLS have the socket.
     let Some(fd) = conn.stream.raw_fd() else {
         return;
     };
+    conn.stream.before_half_close();
     // A failed half-close only makes the linger shorter.
     let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
     let deadline = Instant::now() + LINGER_TOTAL;

@@ -6,17 +6,18 @@
 //! either keeps TLS in user space (`ktls_fallback_enabled = true`) or refuses TLS connections
 //! (`false`), saying which and why in one log line.
 //!
-//! Connections are not handed to the kernel yet: that waits for the TLS stream that owns the
-//! handshake (issue 9, item 4). Until then a kernel that offers kTLS is reported as such and
-//! TLS stays in rustls.
+//! When the kernel takes at least one (version, cipher) pair, each TLS connection is handed
+//! to it after its rustls handshake (`stream::KtlsStream`); a connection whose suite the
+//! kernel lacks stays in rustls.
 
 use crate::shared::config::TlsConfig;
 
-// Built for tests in every build, so its unit tests run in the default suite; its callers in
-// the connection path come with item 4.
+// Built for tests in every build, so its unit tests run in the default suite.
 #[cfg(any(test, feature = "ktls"))]
-#[cfg_attr(not(test), allow(dead_code))]
+#[cfg_attr(not(feature = "ktls"), allow(dead_code))]
 pub mod offload;
+#[cfg(feature = "ktls")]
+pub mod stream;
 
 /// What to do with TLS connections.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -25,11 +26,25 @@ pub enum Mode {
     UserSpace,
     /// kTLS is required and unavailable: TLS connections are closed after accept.
     Refuse,
+    /// The kernel takes these (version, cipher) pairs: connections using one are offloaded
+    /// after their handshake, the others stay in rustls.
+    #[cfg(feature = "ktls")]
+    Offload(offload::Support),
 }
 
 pub fn decide(tls: &TlsConfig) -> Mode {
     if !tls.ktls_enabled {
         return Mode::UserSpace;
+    }
+    #[cfg(feature = "ktls")]
+    if let Ok(support) = offload::probe() {
+        if !support.is_empty() {
+            log::info!(
+                "kTLS: TLS connections are handed to the kernel after their handshake ({})",
+                support.describe()
+            );
+            return Mode::Offload(support);
+        }
     }
     let why = unavailable_reason();
     if tls.ktls_fallback_enabled {
@@ -52,10 +67,7 @@ fn unavailable_reason() -> String {
         Ok(support) if support.is_empty() => {
             "the kernel has the TLS ULP but none of the ciphers rustls offers".into()
         }
-        Ok(support) => format!(
-            "the kernel offers kTLS ({}), but connections are not handed to it yet",
-            support.describe()
-        ),
+        Ok(support) => format!("the kernel offers kTLS ({})", support.describe()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
             "the kernel has no TLS ULP: setsockopt(TCP_ULP, \"tls\") gives ENOENT; `modprobe tls` or a kernel with CONFIG_TLS".into()
         }

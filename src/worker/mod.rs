@@ -77,9 +77,28 @@ fn serve(start: WorkerStart) -> Result<(), String> {
         );
     }
     let ctx = Rc::new(ctx);
-    let refuse_tls = config.tls.as_ref().map(ktls::decide) == Some(ktls::Mode::Refuse);
-    let tls = start.tls.clone().map(|t| (t, refuse_tls));
+    let tls = match (start.tls.clone(), config.tls.as_ref()) {
+        (Some(server_config), Some(tls)) => Some(tls_for_worker(server_config, ktls::decide(tls))),
+        _ => None,
+    };
     runtime.block_on(server::run(ctx, dispatch, start.listeners, signals, tls))
+}
+
+/// The master's TLS configuration as this worker uses it: handing connections to the kernel
+/// needs rustls to keep the traffic secrets, which only a worker that offloads asks for
+/// (the fallback keeps the master's configuration untouched).
+fn tls_for_worker(
+    server_config: std::sync::Arc<rustls::ServerConfig>,
+    mode: ktls::Mode,
+) -> (std::sync::Arc<rustls::ServerConfig>, ktls::Mode) {
+    #[cfg(feature = "ktls")]
+    if let ktls::Mode::Offload(_) = mode {
+        // A clone shares the master's certificate resolver, session cache and ticketer.
+        let mut with_secrets = (*server_config).clone();
+        with_secrets.enable_secret_extraction = true;
+        return (std::sync::Arc::new(with_secrets), mode);
+    }
+    (server_config, mode)
 }
 
 type Runtime = monoio::FusionRuntime<

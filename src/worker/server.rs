@@ -10,9 +10,10 @@ use super::ctx::{Ctx, Open};
 use super::dispatch::Dispatch;
 use super::exchange::Client;
 use super::http::tls::TlsStream;
+use super::ktls;
 use super::timed::{Limit, Timed};
 use crate::shared::child::{exit, EXIT_STARTUP_FAILED};
-use crate::shared::shm::STATE_SERVING;
+use crate::shared::shm::{TlsMode, STATE_SERVING};
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, UnixStream};
 use std::rc::Rc;
@@ -28,11 +29,10 @@ pub async fn run(
     dispatch: Rc<Dispatch>,
     listeners: Vec<std::net::TcpListener>,
     signals: std::os::unix::net::UnixStream,
-    tls: Option<(Arc<rustls::ServerConfig>, bool)>,
+    tls: Option<(Arc<rustls::ServerConfig>, ktls::Mode)>,
 ) -> ! {
     let mut accepting = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
-        // `refuse`: kTLS is required and unavailable (see `ktls`).
         let listener_tls = tls.clone().filter(|_| i == 0);
         match TcpListener::from_std(l) {
             Ok(l) => {
@@ -121,7 +121,7 @@ async fn accept_loop(
     ctx: Rc<Ctx>,
     dispatch: Rc<Dispatch>,
     listener: TcpListener,
-    tls: Option<(Arc<rustls::ServerConfig>, bool)>,
+    tls: Option<(Arc<rustls::ServerConfig>, ktls::Mode)>,
 ) {
     loop {
         if ctx.draining.get() {
@@ -142,10 +142,11 @@ async fn accept_loop(
                         let client = Client::new(stream, peer, limits);
                         drop(monoio::spawn(conn::serve(open, dispatch.clone(), client)));
                     }
-                    Some((_, true)) => drop(stream),
-                    Some((config, false)) => {
+                    // kTLS is required and unavailable (see `ktls`).
+                    Some((_, ktls::Mode::Refuse)) => drop(stream),
+                    Some((config, mode)) => {
                         let config = config.clone();
-                        let tls = serve_tls(open, dispatch.clone(), config, stream, peer);
+                        let tls = serve_tls(open, dispatch.clone(), config, *mode, stream, peer);
                         drop(monoio::spawn(tls));
                     }
                 }
@@ -160,11 +161,13 @@ async fn accept_loop(
     }
 }
 
-/// A TLS connection: the handshake (within the head's deadline), then HTTP over it.
+/// A TLS connection: the handshake (within the head's deadline), then HTTP over it, in the
+/// kernel's TLS when `mode` says the kernel takes the connection's cipher, else in rustls.
 async fn serve_tls(
     open: Open,
     dispatch: Rc<Dispatch>,
     config: Arc<rustls::ServerConfig>,
+    mode: ktls::Mode,
     stream: Timed,
     peer: std::net::SocketAddr,
 ) {
@@ -176,14 +179,45 @@ async fn serve_tls(
             return;
         }
     };
+    #[cfg(feature = "ktls")]
+    let offload = match mode {
+        ktls::Mode::Offload(support) => Some(support),
+        _ => None,
+    };
+    #[cfg(not(feature = "ktls"))]
+    let offload: Option<()> = {
+        let _ = mode;
+        None
+    };
     // Boxed: its state is dead weight once the handshake is done.
-    match Box::pin(TlsStream::handshake(stream, session)).await {
-        Ok(tls_stream) => {
-            let client = Client::new(tls_stream, peer, limits);
-            conn::serve(open, dispatch, client).await
+    let tls_stream = match Box::pin(TlsStream::handshake(stream, session, offload.is_some())).await
+    {
+        Ok(tls_stream) => tls_stream,
+        Err(e) => {
+            log::debug!("TLS handshake with {peer} failed: {e}");
+            return;
         }
-        Err(e) => log::debug!("TLS handshake with {peer} failed: {e}"),
-    }
+    };
+    #[cfg(feature = "ktls")]
+    let tls_stream = match offload {
+        None => tls_stream,
+        Some(support) => match ktls::stream::hand_over(tls_stream, support) {
+            Ok(ktls::stream::Handed::Rustls(tls_stream)) => tls_stream,
+            Ok(ktls::stream::Handed::Kernel(ktls_stream, plain)) => {
+                open.slot.count_tls_connection(TlsMode::Ktls);
+                let mut client = Client::new(ktls_stream, peer, limits);
+                client.buf = plain;
+                return conn::serve(open, dispatch, client).await;
+            }
+            Err(e) => {
+                log::warn!("cannot hand the TLS connection with {peer} to the kernel: {e}");
+                return;
+            }
+        },
+    };
+    open.slot.count_tls_connection(TlsMode::Rustls);
+    let client = Client::new(tls_stream, peer, limits);
+    conn::serve(open, dispatch, client).await
 }
 
 /// Over `max_concurrent_connections`: a plain-HTTP client gets a 503 and the connection

@@ -16,6 +16,10 @@ pub trait ClientStream: AsyncReadRent + AsyncWriteRent + Split + 'static {
     /// at once.
     fn idle_socket(&self) -> Option<&Timed>;
 
+    /// Just before the write side of the socket is shut (`linger`): a stream whose records
+    /// the kernel frames (kTLS) sends its close_notify first.
+    fn before_half_close(&mut self) {}
+
     fn raw_fd(&self) -> Option<RawFd> {
         self.plain().map(|s| s.tcp().as_raw_fd())
     }

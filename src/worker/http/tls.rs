@@ -15,7 +15,7 @@
 
 use crate::worker::timed::Timed;
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut, RawBuf};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split};
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent, AsyncWriteRentExt, Split};
 use monoio::BufResult;
 use rustls::{ConnectionCommon, SideData};
 use std::io::{self, BufRead, Write};
@@ -38,6 +38,26 @@ pub struct TlsStream<C> {
     error: Option<io::Error>,
 }
 
+/// A TLS record header: type, version, length.
+const RECORD_HEADER: usize = 5;
+/// The largest record body a peer may send (RFC 8446 §5.2: 2^14 + 256 of ciphertext).
+const MAX_RECORD: usize = 16 * 1024 + 256;
+
+fn closed_in_handshake() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection during the TLS handshake",
+    )
+}
+
+fn eof_in_handshake(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        closed_in_handshake()
+    } else {
+        e
+    }
+}
+
 fn failed_before() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "the TLS connection failed")
 }
@@ -58,7 +78,12 @@ where
 {
     /// Runs the handshake over `io` (bounded by its deadlines); on failure the alert rustls
     /// queued, if any, is sent first.
-    pub async fn handshake(io: Timed, conn: C) -> io::Result<Self> {
+    ///
+    /// `whole_records`: read one TLS record at a time (its 5-byte header, then exactly its
+    /// body), so that when the handshake ends nothing past its last record has left the
+    /// socket: the kernel can then take the connection over (kTLS) at a record boundary.
+    /// Otherwise a read takes whatever has come (fewer system calls).
+    pub async fn handshake(io: Timed, conn: C, whole_records: bool) -> io::Result<Self> {
         let mut s = TlsStream {
             io,
             conn: Box::new(conn),
@@ -75,13 +100,13 @@ where
             if !s.pending.is_empty() {
                 let wire = std::mem::take(&mut s.pending);
                 s.feed_vec(wire);
+            } else if whole_records {
+                let wire = s.read_record().await?;
+                s.feed_vec(wire);
             } else {
                 let (res, wire) = s.io.read(Vec::with_capacity(HANDSHAKE_READ)).await;
                 if res? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection during the TLS handshake",
-                    ));
+                    return Err(closed_in_handshake());
                 }
                 s.feed_vec(wire);
             }
@@ -97,6 +122,26 @@ where
                 ));
             }
         }
+    }
+
+    /// One whole TLS record from the socket, header included.
+    async fn read_record(&mut self) -> io::Result<Vec<u8>> {
+        let (res, header) = self.io.read_exact(vec![0u8; RECORD_HEADER]).await;
+        res.map_err(eof_in_handshake)?;
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if len > MAX_RECORD {
+            // rustls would refuse it too; reading it whole first would cost memory.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a TLS record of {len} bytes during the handshake"),
+            ));
+        }
+        let mut record = header;
+        record.resize(RECORD_HEADER + len, 0);
+        let body = record.slice_mut(RECORD_HEADER..RECORD_HEADER + len);
+        let (res, body) = self.io.read_exact(body).await;
+        res.map_err(eof_in_handshake)?;
+        Ok(body.into_inner())
     }
 
     /// The socket to wait on for the next bytes, when nothing received is left unread:
@@ -318,6 +363,43 @@ where
     }
 }
 
+impl<C> TlsStream<C> {
+    /// The rustls connection, for what the handshake settled (version, suite).
+    #[cfg_attr(not(feature = "ktls"), allow(dead_code))]
+    pub fn session(&self) -> &C {
+        &self.conn
+    }
+}
+
+impl TlsStream<rustls::ServerConnection> {
+    /// Takes the stream apart so the kernel can take the connection over: the socket, the
+    /// rustls connection (for its secrets) and the plaintext rustls has decrypted and nobody
+    /// read yet, which comes before anything the socket gives from now on. The stream is
+    /// given back when bytes past a record boundary may have left the socket (ciphertext
+    /// kept for later, or a failure): then it cannot be handed over and stays in rustls.
+    /// Only a handshake run with `whole_records` leaves a stream that can be taken apart.
+    #[cfg_attr(not(any(test, feature = "ktls")), allow(dead_code))]
+    // The stream comes back by value once a connection, on the way to rustls: boxing it
+    // would cost an allocation on that path for nothing.
+    #[allow(clippy::result_large_err)]
+    pub fn into_parts(mut self) -> Result<(Timed, rustls::ServerConnection, Vec<u8>), Self> {
+        if self.failed || !self.pending.is_empty() || self.conn.wants_write() {
+            return Err(self);
+        }
+        let mut plain = Vec::new();
+        let mut reader = self.conn.reader();
+        while let Ok(chunk) = reader.fill_buf() {
+            if chunk.is_empty() {
+                break;
+            }
+            let n = chunk.len();
+            plain.extend_from_slice(chunk);
+            reader.consume(n);
+        }
+        Ok((self.io, *self.conn, plain))
+    }
+}
+
 impl<C, D> AsyncReadRent for TlsStream<C>
 where
     C: DerefMut<Target = ConnectionCommon<D>>,
@@ -490,9 +572,78 @@ mod tests {
             let each = Limit::Each(Duration::from_secs(10));
             let io = Timed::new(tcp, Deadlines::new(each, each));
             let session = ServerConnection::new(server_config).unwrap();
-            server(TlsStream::handshake(io, session).await.unwrap()).await
+            server(TlsStream::handshake(io, session, false).await.unwrap()).await
         });
         client.join().unwrap()
+    }
+
+    /// A TLS 1.3 client whose first request leaves with its Finished, in one write; the
+    /// server's handshake with `whole_records`. Returns the plaintext rustls had decoded by
+    /// then and the bytes left on the socket.
+    fn first_request_after_handshake(whole_records: bool) -> (Vec<u8>, Vec<u8>) {
+        const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+        let (server_config, client_config) = configs();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let tcp = TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let name = "localhost".try_into().unwrap();
+            let mut c = StreamOwned::new(ClientConnection::new(client_config, name).unwrap(), tcp);
+            // Held by rustls until the handshake is done, then sent with the Finished.
+            c.conn.writer().write_all(REQUEST).unwrap();
+            while c.conn.is_handshaking() || c.conn.wants_write() {
+                c.conn.complete_io(&mut c.sock).unwrap();
+            }
+            // Open until the server is done.
+            let _ = c.sock.read(&mut [0u8; 1]);
+        });
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let got = rt.block_on(async move {
+            let listener = monoio::net::TcpListener::from_std(listener).unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let each = Limit::Each(Duration::from_secs(10));
+            let io = Timed::new(tcp, Deadlines::new(each, each));
+            let session = ServerConnection::new(server_config).unwrap();
+            let tls = TlsStream::handshake(io, session, whole_records)
+                .await
+                .unwrap();
+            let Ok((mut io, _session, plain)) = tls.into_parts() else {
+                panic!("the stream could not be taken apart");
+            };
+            // What is on the socket now: the request's record, unless rustls took it.
+            io.limits()
+                .set_read(Limit::Each(Duration::from_millis(300)));
+            let (res, rest) = io.read(Vec::with_capacity(4096)).await;
+            let rest = if res.is_ok() { rest } else { Vec::new() };
+            let _ = io.shutdown().await;
+            (plain, rest)
+        });
+        client.join().unwrap();
+        got
+    }
+
+    #[test]
+    fn a_handshake_for_the_kernel_leaves_the_first_request_on_the_socket() {
+        let (plain, rest) = first_request_after_handshake(true);
+        assert!(plain.is_empty(), "rustls decoded {} bytes", plain.len());
+        assert!(rest.len() > 5, "{} bytes on the socket", rest.len());
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        // One whole application-data record, from its first byte: the kernel can read it.
+        assert_eq!(&rest[..3], &[0x17, 0x03, 0x03][..], "{rest:?}");
+        assert_eq!(rest.len(), 5 + len, "{rest:?}");
+    }
+
+    #[test]
+    fn plaintext_decoded_during_the_handshake_is_handed_out() {
+        // A greedy handshake read takes the request with the Finished: rustls decodes it,
+        // and taking the stream apart must give it back rather than lose it.
+        let (plain, rest) = first_request_after_handshake(false);
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(plain, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
     }
 
     fn pattern(len: usize) -> Vec<u8> {

@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// TLS record content types (RFC 8446 §5.1).
+#[cfg_attr(not(test), allow(dead_code))]
 pub const CHANGE_CIPHER_SPEC: u8 = 20;
 pub const ALERT: u8 = 21;
 pub const HANDSHAKE: u8 = 22;
@@ -324,7 +325,13 @@ type RecordTypeSpace = [u64; 4];
 /// Reads from an offloaded socket with room for the record type, so a control record
 /// arrives as such instead of failing the read with `EIO`. One call never mixes record
 /// types: the kernel stops at a change. Blocking or not as the socket is.
+#[cfg_attr(not(test), allow(dead_code))] // the server reads with `recv_flags`
 pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Record> {
+    recv_flags(fd, buf, 0)
+}
+
+/// `recv` with `recvmsg` flags (`MSG_DONTWAIT`: never blocks, whatever the socket).
+pub fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<Record> {
     if buf.is_empty() {
         // Data(0) would read as the end of the stream.
         return Err(io::Error::new(
@@ -346,7 +353,7 @@ pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Record> {
     msg.msg_controllen = size_of::<RecordTypeSpace>() as _;
     // SAFETY: `msg` points at `iov` (into `buf`, writable for its length) and `space`
     // (writable for `msg_controllen` bytes), all alive for the call.
-    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -377,6 +384,15 @@ fn record_type(msg: &libc::msghdr) -> Option<u8> {
 
 /// Sends one record of `content_type` (not application data) through the kernel's TLS.
 pub fn send_record(fd: BorrowedFd<'_>, content_type: u8, payload: &[u8]) -> io::Result<()> {
+    send_record_flags(fd, content_type, payload, 0)
+}
+
+fn send_record_flags(
+    fd: BorrowedFd<'_>,
+    content_type: u8,
+    payload: &[u8],
+    flags: libc::c_int,
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
@@ -401,7 +417,7 @@ pub fn send_record(fd: BorrowedFd<'_>, content_type: u8, payload: &[u8]) -> io::
         (*c).cmsg_type = libc::TLS_SET_RECORD_TYPE;
         (*c).cmsg_len = libc::CMSG_LEN(1) as _;
         *libc::CMSG_DATA(c) = content_type;
-        libc::sendmsg(fd.as_raw_fd(), &msg, 0)
+        libc::sendmsg(fd.as_raw_fd(), &msg, flags)
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -417,8 +433,15 @@ pub fn send_record(fd: BorrowedFd<'_>, content_type: u8, payload: &[u8]) -> io::
 
 /// Tells the peer we are done writing (a `close_notify` alert), so it can tell a complete
 /// response from a truncated one.
+#[cfg_attr(not(test), allow(dead_code))] // the server uses `send_close_notify_now`
 pub fn send_close_notify(fd: BorrowedFd<'_>) -> io::Result<()> {
     send_record(fd, ALERT, &[WARNING, CLOSE_NOTIFY])
+}
+
+/// `send_close_notify` that never blocks: a socket whose send buffer is full (a peer that
+/// does not read) gets `EAGAIN` and no alert, rather than stalling the worker.
+pub fn send_close_notify_now(fd: BorrowedFd<'_>) -> io::Result<()> {
+    send_record_flags(fd, ALERT, &[WARNING, CLOSE_NOTIFY], libc::MSG_DONTWAIT)
 }
 
 /// What a control record meant, when it was not an error.

@@ -154,7 +154,7 @@ pub async fn connect(target: &Target, timeout: Duration) -> Result<BackendConn, 
             Some((config, name)) => {
                 let session = rustls::ClientConnection::new(config.clone(), name.clone())
                     .map_err(|e| ConnectError::Failed(format!("{addr}: TLS: {e}")))?;
-                match TlsStream::handshake(tcp, session).await {
+                match TlsStream::handshake(tcp, session, false).await {
                     Ok(s) => BackendStream::Tls(s),
                     Err(_) if Instant::now() >= deadline => return Err(ConnectError::Timeout),
                     Err(e) => return Err(ConnectError::Failed(format!("{addr}: TLS: {e}"))),
