@@ -457,3 +457,45 @@ fn a_closing_tls_connection_ends_with_close_notify() {
     );
     assert!(String::from_utf8_lossy(&got).ends_with("secure hello\n"));
 }
+
+#[test]
+fn a_response_cut_short_gets_no_close_notify() {
+    // A backend that answers HTTP/1.0 with a body delimited by its close, then resets the
+    // connection halfway: the client may learn of the cut only from the missing close_notify.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut r = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\npartial");
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let mut s = Server::prepare(&format!(
+        "[server]\nlisten = \"127.0.0.1:{{port}}\"\nthreads = 1\n\n[tls]\ncert_path = \"{{dir}}/server.crt\"\nkey_path = \"{{dir}}/server.key\"\n\n[path_routes.\"*\".\"/cut/\"]\ntype = \"Proxy\"\nurl = \"http://127.0.0.1:{backend_port}/\"\n"
+    ));
+    let ca = write_cert(&s);
+    s.spawn();
+    assert!(wait_until(Duration::from_secs(10), || TcpStream::connect(
+        s.addr()
+    )
+    .is_ok()));
+    let mut tls = connect_tls(&s, &ca);
+    tls.write_all(b"GET /cut/ HTTP/1.0\r\nHost: backend.test\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let end = tls.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.ends_with("partial"), "{text:?}");
+    assert!(
+        end.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof),
+        "a cut response looked complete: {end:?}"
+    );
+}

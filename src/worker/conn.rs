@@ -98,9 +98,10 @@ pub fn serve<S: ClientStream, H: Service + 'static>(
         }
         if conn.linger {
             Box::pin(linger(&mut conn)).await;
-        } else if conn.stream.plain().is_none() {
+        } else if conn.stream.plain().is_none() && !conn.cut {
             // TLS ends with close_notify, as nginx's SSL_shutdown does, so a client can tell
-            // the end from a cut; one that does not take it within a second is not waited for.
+            // the end from a cut (a cut response gets none); one that does not take it within
+            // a second is not waited for.
             conn.limits.set_write(Limit::Each(Duration::from_secs(1)));
             let _ = Box::pin(monoio::io::AsyncWriteRent::shutdown(&mut conn.stream)).await;
         }

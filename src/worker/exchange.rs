@@ -22,6 +22,9 @@ pub struct Client<S> {
     pub stream: S,
     /// An error was answered and the client may still be sending: close gently.
     pub linger: bool,
+    /// A response was cut short: the close must look like a cut (over TLS, no close_notify,
+    /// which would make a close-delimited body look complete).
+    pub cut: bool,
     /// Bytes read and not yet used: the head being read, then what follows it.
     pub buf: Vec<u8>,
     pub peer: SocketAddr,
@@ -34,6 +37,7 @@ impl<S> Client<S> {
         Client {
             stream,
             linger: false,
+            cut: false,
             buf: Vec::new(),
             peer,
             limits,

@@ -264,7 +264,10 @@ pub async fn relay<S: ClientStream>(
             outcome.backend_reusable =
                 backend_keep && !conflicting && kind != BodyKind::Close && r.rest.is_empty();
         }
-        Err(n) => outcome.response_bytes = n,
+        Err(n) => {
+            outcome.response_bytes = n;
+            conn.cut = true;
+        }
     }
     Ok(outcome)
 }
