@@ -126,6 +126,9 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
     };
     let mut gens = Generations::new(env);
     rotate_ticket_keys(&shm, &config);
+    // Before any worker answers a scrape: the first start is no reload, but its time is
+    // the configuration's (a failed start ends the master anyway).
+    config_in_service(&shm);
     gens.start(config.clone())
         .context("cannot start the first generation")?;
     let mut up = Upgrade {
@@ -274,8 +277,6 @@ fn cycle(
                 let status = format!("serving: generation {id}");
                 if !serving {
                     serving = true;
-                    // The first start is no reload: only its timestamp counts.
-                    config_in_service(&up.shm);
                     notify.ready(&status);
                 } else if std::mem::take(&mut reloading) {
                     count_reload(&up.shm, true);

@@ -263,10 +263,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
         .collect();
     let header = &region.header;
     let reload_metrics = vec![
-        counter(
-            vec![label("result", "ok")],
-            header.reloads_ok.load(Relaxed),
-        ),
+        counter(vec![label("result", "ok")], header.reloads_ok.load(Relaxed)),
         counter(
             vec![label("result", "failed")],
             header.reloads_failed.load(Relaxed),

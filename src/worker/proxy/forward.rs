@@ -155,7 +155,7 @@ async fn send<'c, S: ClientStream>(
                         _active: active,
                         request_bytes,
                         response,
-                    })
+                    });
                 }
                 Err(HeadError::Stale) if p.idempotent() => {
                     if bconn.reused && !retried_same {
