@@ -306,3 +306,91 @@ fn tls_handshakes_are_counted_by_version_and_result() {
     assert_eq!(count("1.2", "failed"), 0.0);
     assert_eq!(count("unknown", "ok"), 0.0);
 }
+
+/// Every PromQL expression of `conf/grafana-dashboard.json`, read by Python's JSON parser
+/// (as strict as Grafana's import about what JSON is).
+fn dashboard_expressions() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/grafana-dashboard.json");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys\nd=json.load(open(sys.argv[1]))\nassert d['title'] and d['panels']\nfor p in d['panels']:\n  assert p['targets'], p['title']\n  for t in p['targets']: print(t['expr'].replace('\\n',' '))",
+            path,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the dashboard is not valid JSON: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// The metric names an expression uses: every `zerocopy_proxy_…` identifier.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("zerocopy_proxy_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_the_server_exports() {
+    let good = Backend::start("good");
+    let s = Server::start(&config(closing_backend(), &good));
+    assert_eq!(proxied(&s, "/x"), 200);
+    let m = scrape(&s);
+    // Sample names as exported (histograms as their _bucket, _sum and _count series).
+    let exported: std::collections::HashSet<&str> = m
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with("zerocopy_proxy_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let exprs = dashboard_expressions();
+    let mut used = std::collections::HashSet::new();
+    for e in &exprs {
+        let names = metric_names(e);
+        assert!(!names.is_empty(), "no metric in `{e}`");
+        for n in names {
+            assert!(
+                exported.contains(n),
+                "`{n}` (in `{e}`) is not exported:\n{m}"
+            );
+            used.insert(n.to_string());
+        }
+    }
+    // The spec's four queries, as the spec writes them.
+    for spec in [
+        "rate(zerocopy_proxy_http_requests_total[5m])",
+        "sum(rate(zerocopy_proxy_http_requests_total{status=~\"4..|5..\"}[5m])) / sum(rate(zerocopy_proxy_http_requests_total[5m]))",
+        "histogram_quantile(0.95, rate(zerocopy_proxy_http_request_duration_seconds_bucket[5m]))",
+        "sum by (host) (rate(zerocopy_proxy_http_requests_total[5m]))",
+    ] {
+        assert!(exprs.iter().any(|e| e == spec), "missing: {spec}");
+    }
+    for new in [
+        "zerocopy_proxy_reloads_total",
+        "zerocopy_proxy_config_last_reload_success_timestamp_seconds",
+        "zerocopy_proxy_connections",
+        "zerocopy_proxy_tls_handshakes_total",
+        "zerocopy_proxy_tls_connections_total",
+        "zerocopy_proxy_upstream_requests_total",
+        "zerocopy_proxy_upstream_retries_total",
+        "zerocopy_proxy_access_log_dropped_total",
+        "zerocopy_proxy_build_info",
+    ] {
+        assert!(used.contains(new), "no panel shows {new}");
+    }
+}
