@@ -22,6 +22,7 @@ use nix::sys::signal::Signal;
 use notify::Notifier;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +126,9 @@ pub fn run(source: ConfigSource, worker_main: WorkerMain, health_main: WorkerMai
     };
     let mut gens = Generations::new(env);
     rotate_ticket_keys(&shm, &config);
+    // Before any worker answers a scrape: the first start is no reload, but its time is
+    // the configuration's (a failed start ends the master anyway).
+    config_in_service(&shm);
     gens.start(config.clone())
         .context("cannot start the first generation")?;
     let mut up = Upgrade {
@@ -260,6 +264,7 @@ fn cycle(
                 }
                 Err(e) => {
                     log::error!("reload failed, the running generation keeps serving: {e}");
+                    count_reload(&up.shm, false);
                     reloading = false;
                     notify.reloaded(&notify::one_line(&format!(
                         "reload failed, the running generation keeps serving: {e}"
@@ -274,6 +279,7 @@ fn cycle(
                     serving = true;
                     notify.ready(&status);
                 } else if std::mem::take(&mut reloading) {
+                    count_reload(&up.shm, true);
                     notify.reloaded(&status);
                 }
             }
@@ -282,6 +288,7 @@ fn cycle(
             Err(e) => {
                 log::error!("{e:#}");
                 if std::mem::take(&mut reloading) {
+                    count_reload(&up.shm, false);
                     notify.reloaded(&notify::one_line(&format!(
                         "reload failed, the running generation keeps serving: {e:#}"
                     )));
@@ -296,6 +303,25 @@ fn cycle(
             bail!("no generation of workers is left to serve (see the errors above)");
         }
     }
+}
+
+/// `zerocopy_proxy_reloads_total` and, for a configuration that went into service, its
+/// timestamp. In shared memory, so they survive a binary upgrade like every counter.
+fn count_reload(shm: &Shm, ok: bool) {
+    let h = &shm.region().header;
+    if ok {
+        h.reloads_ok.fetch_add(1, Relaxed);
+        config_in_service(shm);
+    } else {
+        h.reloads_failed.fetch_add(1, Relaxed);
+    }
+}
+
+fn config_in_service(shm: &Shm) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    shm.region().header.last_reload_success.store(now, Relaxed);
 }
 
 /// With `[tls]`: makes the first session-ticket key, or the next one when the current one is

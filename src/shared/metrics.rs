@@ -4,7 +4,10 @@
 //! every slot ever used. Labels are bounded: methods are a fixed set plus `OTHER`, hosts the
 //! configured ones plus `other`, statuses three digits.
 
-use super::shm::{self, Hist, Region, TlsMode, DURATION_BUCKETS, NB, OVERFLOW_KEY, SIZE_BUCKETS};
+use super::shm::{
+    self, Hist, Region, TlsMode, TlsVersion, DURATION_BUCKETS, NB, OVERFLOW_KEY, SIZE_BUCKETS,
+    STATE_FREE, STATUS_CLASSES,
+};
 use prometheus::proto::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
 };
@@ -132,6 +135,12 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let mut per_worker: BTreeMap<u64, u64> = BTreeMap::default();
     let mut tls = [0u64; TlsMode::ALL.len()];
     let mut access_log_dropped = 0u64;
+    let mut handshakes = [[0u64; 2]; TlsVersion::ALL.len()];
+    let mut upstream: BTreeMap<usize, [u64; STATUS_CLASSES]> = BTreeMap::default();
+    let mut retries = 0u64;
+    // Open now, by worker index: a draining slot of the old generation and the new one's
+    // share an index, and both hold connections.
+    let mut open_by_worker: BTreeMap<u64, i64> = BTreeMap::default();
     let connections = region.header.connections.load(Relaxed).max(0);
     for slot in region.used_slots() {
         for e in &slot.req_counts {
@@ -152,6 +161,26 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
         }
         resp_sizes.add(&slot.response_sizes);
         access_log_dropped += slot.access_log_dropped.load(Relaxed);
+        for (sum, row) in handshakes.iter_mut().zip(&slot.tls_handshakes) {
+            for (s, n) in sum.iter_mut().zip(row) {
+                *s += n.load(Relaxed);
+            }
+        }
+        for s in servers {
+            let classes = upstream.entry(s.index).or_default();
+            if let Some(row) = slot.upstream_requests.get(s.index) {
+                for (c, n) in classes.iter_mut().zip(row) {
+                    *c += n.load(Relaxed);
+                }
+            }
+        }
+        retries += slot.upstream_retries.load(Relaxed);
+        let open = open_by_worker
+            .entry(slot.worker_index.load(Relaxed))
+            .or_default();
+        if slot.state.load(Acquire) != STATE_FREE {
+            *open += slot.connections.load(Relaxed).max(0);
+        }
         *per_worker
             .entry(slot.worker_index.load(Relaxed))
             .or_default() += slot.requests.load(Relaxed);
@@ -201,6 +230,45 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
         .map(|&m| counter(vec![label("mode", m.label())], tls[m as usize]))
         .collect();
 
+    let handshake_metrics = TlsVersion::ALL
+        .iter()
+        .flat_map(|&v| {
+            [("ok", 0), ("failed", 1)].map(|(result, i)| {
+                counter(
+                    vec![label("result", result), label("version", v.label())],
+                    handshakes[v as usize][i],
+                )
+            })
+        })
+        .collect();
+    let open_metrics = open_by_worker
+        .iter()
+        .map(|(w, n)| gauge(vec![label("worker", &w.to_string())], *n as f64))
+        .collect();
+    let upstream_metrics = servers
+        .iter()
+        .flat_map(|s| {
+            let classes = upstream.get(&s.index).copied().unwrap_or_default();
+            (0..STATUS_CLASSES).map(move |c| {
+                counter(
+                    vec![
+                        label("server", &s.server),
+                        label("status_class", &format!("{}xx", c + 1)),
+                        label("upstream", &s.upstream),
+                    ],
+                    classes[c],
+                )
+            })
+        })
+        .collect();
+    let header = &region.header;
+    let reload_metrics = vec![
+        counter(vec![label("result", "ok")], header.reloads_ok.load(Relaxed)),
+        counter(
+            vec![label("result", "failed")],
+            header.reloads_failed.load(Relaxed),
+        ),
+    ];
     let server_labels =
         |s: &UpstreamServerLabel| vec![label("server", &s.server), label("upstream", &s.upstream)];
     let backend = |s: &UpstreamServerLabel| &region.header.backends[s.index];
@@ -280,6 +348,51 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             "Access log lines dropped because a worker's log writer was behind (never blocks a worker).",
             MetricType::COUNTER,
             vec![counter(vec![], access_log_dropped)],
+        ),
+        family(
+            "zerocopy_proxy_connections",
+            "Client connections open now, by worker index (its old and new generation together during a reload).",
+            MetricType::GAUGE,
+            open_metrics,
+        ),
+        family(
+            "zerocopy_proxy_tls_handshakes_total",
+            "TLS handshakes by negotiated version and result (unknown: failed before a version was agreed).",
+            MetricType::COUNTER,
+            handshake_metrics,
+        ),
+        family(
+            "zerocopy_proxy_reloads_total",
+            "Configuration reloads (HUP) by result: ok once the new generation serves, failed if the configuration or its workers were refused.",
+            MetricType::COUNTER,
+            reload_metrics,
+        ),
+        family(
+            "zerocopy_proxy_config_last_reload_success_timestamp_seconds",
+            "When the configuration in service went into service (the first start or the last successful reload), seconds since the epoch.",
+            MetricType::GAUGE,
+            vec![gauge(vec![], header.last_reload_success.load(Relaxed) as f64)],
+        ),
+        family(
+            "zerocopy_proxy_build_info",
+            "Always 1; the version of the running binary is a label.",
+            MetricType::GAUGE,
+            vec![gauge(
+                vec![label("version", env!("CARGO_PKG_VERSION"))],
+                1.0,
+            )],
+        ),
+        family(
+            "zerocopy_proxy_upstream_requests_total",
+            "Response heads received from the upstream server, by status class.",
+            MetricType::COUNTER,
+            upstream_metrics,
+        ),
+        family(
+            "zerocopy_proxy_upstream_retries_total",
+            "Requests sent again after a backend closed before answering: a replay on a fresh connection (stale pooled one) or a failover to the next server.",
+            MetricType::COUNTER,
+            vec![counter(vec![], retries)],
         ),
         family(
             "zerocopy_proxy_upstream_healthy",

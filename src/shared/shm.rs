@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
-pub const LAYOUT_VERSION: u64 = 5;
+pub const LAYOUT_VERSION: u64 = 6;
 const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
 
 pub const MAX_SLOTS: usize = 256;
@@ -98,6 +98,14 @@ pub struct Header {
     rates: [RateEntry; RATE_ENTRIES],
     /// TLS session-ticket keys, shared by every worker of every generation and master.
     pub tickets: TicketKeys,
+    // --- Issue 10 metrics (layout 6): written by the masters only.
+    /// Reloads (HUP) that put a new generation in service, over the server's life.
+    pub reloads_ok: AtomicU64,
+    /// Reloads that failed (bad configuration, or the new generation did not start).
+    pub reloads_failed: AtomicU64,
+    /// Seconds since the epoch of the last configuration that went into service (the first
+    /// start counts, as Prometheus' own `config_last_reload_success_timestamp_seconds`).
+    pub last_reload_success: AtomicU64,
 }
 
 /// Entries of the ticket-key ring: the current key, the previous one, the next one being
@@ -208,6 +216,38 @@ pub struct Slot {
     pub tls_connections: [AtomicU64; TlsMode::ALL.len()],
     /// Access log lines this worker dropped because its writer was behind.
     pub access_log_dropped: AtomicU64,
+    // --- Issue 10 metrics (layout 6): written by the slot's worker only.
+    /// TLS handshakes by `TlsVersion` and result (`[version][0]` ok, `[version][1]` failed).
+    pub tls_handshakes: [[AtomicU64; 2]; TlsVersion::ALL.len()],
+    /// Backend response heads by backend-table index and status class (1xx..5xx).
+    pub upstream_requests: [[AtomicU64; STATUS_CLASSES]; MAX_BACKENDS],
+    /// Requests sent again after a backend closed before answering (a replay on a fresh
+    /// connection, or a failover to the next server).
+    pub upstream_retries: AtomicU64,
+}
+
+/// 1xx..5xx: the `status_class` label of `zerocopy_proxy_upstream_requests_total`.
+pub const STATUS_CLASSES: usize = 5;
+
+/// The `version` label of `zerocopy_proxy_tls_handshakes_total`. A handshake that failed
+/// before a version was agreed (a client that sent no or a bad ClientHello) is `unknown`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TlsVersion {
+    V12 = 0,
+    V13 = 1,
+    Unknown = 2,
+}
+
+impl TlsVersion {
+    pub const ALL: [TlsVersion; 3] = [TlsVersion::V12, TlsVersion::V13, TlsVersion::Unknown];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsVersion::V12 => "1.2",
+            TlsVersion::V13 => "1.3",
+            TlsVersion::Unknown => "unknown",
+        }
+    }
 }
 
 /// Who processes a TLS connection's records: the `mode` label of
@@ -232,6 +272,19 @@ impl TlsMode {
 }
 
 impl Slot {
+    pub fn count_tls_handshake(&self, version: TlsVersion, ok: bool) {
+        self.tls_handshakes[version as usize][usize::from(!ok)].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a backend's response head of `status` (anything outside 100..=599 is not
+    /// counted: the relay refuses such a head).
+    pub fn count_upstream_response(&self, backend: usize, status: u16) {
+        let class = usize::from(status / 100);
+        if let (Some(row), 1..=5) = (self.upstream_requests.get(backend), class) {
+            row[class - 1].fetch_add(1, Relaxed);
+        }
+    }
+
     /// Counts a TLS connection whose handshake completed, in the mode it is served in.
     // Called from the TLS accept path once it is merged with the offload (issue 9, item 4).
     #[cfg_attr(not(test), allow(dead_code))]

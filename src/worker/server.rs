@@ -194,10 +194,12 @@ async fn serve_tls(
     {
         Ok(tls_stream) => tls_stream,
         Err(e) => {
+            count_handshake(&open, super::http::tls::failed_version(&e), false);
             log::debug!("TLS handshake with {peer} failed: {e}");
             return;
         }
     };
+    count_handshake(&open, tls_stream.session().protocol_version(), true);
     #[cfg(feature = "ktls")]
     let tls_stream = match offload {
         None => tls_stream,
@@ -218,6 +220,18 @@ async fn serve_tls(
     open.slot.count_tls_connection(TlsMode::Rustls);
     let client = Client::new(tls_stream, peer, limits);
     conn::serve(open, dispatch, client).await
+}
+
+/// `zerocopy_proxy_tls_handshakes_total`: by the version agreed (none if the handshake failed
+/// before: a client that sent no or a bad ClientHello).
+fn count_handshake(open: &Open, version: Option<rustls::ProtocolVersion>, ok: bool) {
+    use crate::shared::shm::TlsVersion;
+    let version = match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => TlsVersion::V13,
+        Some(rustls::ProtocolVersion::TLSv1_2) => TlsVersion::V12,
+        _ => TlsVersion::Unknown,
+    };
+    open.slot.count_tls_handshake(version, ok);
 }
 
 /// Over `max_concurrent_connections`: a plain-HTTP client gets a 503 and the connection

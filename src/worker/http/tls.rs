@@ -112,7 +112,7 @@ where
             }
             if let Some(e) = s.take_failure() {
                 let _ = s.send_queued().await;
-                return Err(e);
+                return Err(failed_in(e, s.conn.protocol_version()));
             }
             if s.conn.is_handshaking() && !s.conn.wants_read() && !s.conn.wants_write() {
                 // A close_notify before the handshake ended: nothing more will come.
@@ -365,7 +365,6 @@ where
 
 impl<C> TlsStream<C> {
     /// The rustls connection, for what the handshake settled (version, suite).
-    #[cfg_attr(not(feature = "ktls"), allow(dead_code))]
     pub fn session(&self) -> &C {
         &self.conn
     }
@@ -769,4 +768,32 @@ mod tests {
         assert!(got[..LEN] == pattern(LEN), "the large write differs");
         assert_eq!(&got[LEN..], b"head tail");
     }
+}
+
+/// A handshake that failed after a version was agreed (a certificate the client refused, a
+/// bad Finished): the error, with that version for `zerocopy_proxy_tls_handshakes_total`.
+#[derive(Debug)]
+struct FailedIn {
+    version: rustls::ProtocolVersion,
+    source: io::Error,
+}
+
+impl std::fmt::Display for FailedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.source.fmt(f)
+    }
+}
+
+impl std::error::Error for FailedIn {}
+
+fn failed_in(e: io::Error, version: Option<rustls::ProtocolVersion>) -> io::Error {
+    match version {
+        Some(version) => io::Error::new(e.kind(), FailedIn { version, source: e }),
+        None => e,
+    }
+}
+
+/// The version a failed handshake had agreed on, if it got that far.
+pub fn failed_version(e: &io::Error) -> Option<rustls::ProtocolVersion> {
+    e.get_ref()?.downcast_ref::<FailedIn>().map(|f| f.version)
 }

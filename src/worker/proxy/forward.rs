@@ -146,19 +146,23 @@ async fn send<'c, S: ClientStream>(
             };
             match result {
                 Ok((request_bytes, response)) => {
+                    if let Some(i) = target.backend {
+                        ctx.slot.count_upstream_response(i, response.status);
+                    }
                     return Ok(Answered {
                         target,
                         bconn,
                         _active: active,
                         request_bytes,
                         response,
-                    })
+                    });
                 }
                 Err(HeadError::Stale) if p.idempotent() => {
                     if bconn.reused && !retried_same {
                         retried_same = true;
                         if let Ok(fresh) = backend::connect(&target, connect_timeout).await {
                             bconn = fresh;
+                            ctx.slot.upstream_retries.fetch_add(1, Relaxed);
                             continue;
                         }
                     }
@@ -175,6 +179,7 @@ async fn send<'c, S: ClientStream>(
                     if from >= candidates.len() {
                         return Err(Failure::Backend);
                     }
+                    ctx.slot.upstream_retries.fetch_add(1, Relaxed);
                     break;
                 }
                 Err(HeadError::Timeout) => return Err(Failure::Timeout),
