@@ -9,6 +9,7 @@ mod dispatch;
 mod exchange;
 mod handlers;
 mod http;
+mod huge_pages;
 mod idle;
 mod ktls;
 pub(crate) mod proxy;
@@ -43,6 +44,10 @@ pub fn run(start: WorkerStart) -> ! {
 fn serve(start: WorkerStart) -> Result<(), String> {
     let cores = shared::cpu_count();
     pin_to_core(start.index % cores);
+    let huge = start.config.performance.huge_pages_enabled;
+    if huge {
+        huge_pages::enable();
+    }
     let uring = monoio::utils::detect_uring();
     let (mut runtime, tuned) = build_runtime()?;
     let config: &Config = &start.config;
@@ -81,8 +86,16 @@ fn serve(start: WorkerStart) -> Result<(), String> {
         (Some(server_config), Some(tls)) => Some(tls_for_worker(server_config, ktls::decide(tls))),
         _ => None,
     };
-    runtime.block_on(server::run(ctx, dispatch, start.listeners, signals, tls))
+    runtime.block_on(async move {
+        if huge {
+            monoio::spawn(huge_pages::report(HUGE_PAGES_REPORT));
+        }
+        server::run(ctx, dispatch, start.listeners, signals, tls).await
+    })
 }
+
+/// How long a worker serves before it says how much of its memory is in huge pages.
+const HUGE_PAGES_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The master's TLS configuration as this worker uses it: handing connections to the kernel
 /// needs rustls to keep the traffic secrets, which only a worker that offloads asks for
@@ -141,14 +154,10 @@ fn pin_to_core(core: usize) {
     }
 }
 
-/// Keys whose behaviour is not built yet are validated; say so once, from worker 0.
+/// Keys that are validated but change nothing here: say so once, from worker 0.
 fn log_inactive_keys(c: &Config, index: usize) {
     if index != 0 {
         return;
-    }
-    let mut notes: Vec<String> = Vec::new();
-    if c.performance.huge_pages_enabled {
-        notes.push("performance.huge_pages_enabled".into());
     }
     let defaults = crate::shared::config::RouteSecurity::default();
     let polling = c
@@ -164,8 +173,5 @@ fn log_inactive_keys(c: &Config, index: usize) {
         });
     if polling {
         log::warn!("websocket_poll_* keys have no effect: WebSocket tunnels are driven by I/O completions, with no polling to tune");
-    }
-    for n in notes {
-        log::warn!("not active yet: {n}");
     }
 }
