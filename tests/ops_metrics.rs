@@ -305,6 +305,14 @@ fn tls_handshakes_are_counted_by_version_and_result() {
     assert!(settled, "{}", scrape());
     assert_eq!(count("1.2", "failed"), 0.0);
     assert_eq!(count("unknown", "ok"), 0.0);
+    // The three connections past their handshake ran in rustls (no kTLS here; the VM checks
+    // the `ktls` mode).
+    let text = scrape();
+    let mode = |m: &str| {
+        let label = format!("mode=\"{m}\"");
+        metric(&text, "zerocopy_proxy_tls_connections_total", &[&label])
+    };
+    assert_eq!((mode("rustls"), mode("ktls")), (3.0, 0.0), "{text}");
 }
 
 /// Every PromQL expression of `conf/grafana-dashboard.json`, read by Python's JSON parser
