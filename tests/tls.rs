@@ -38,19 +38,7 @@ fn curl_https(s: &Server, ca: &std::path::Path) -> std::process::Output {
 }
 
 fn tls_client(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    Arc::new(rustls_client(Some(ca), rustls::DEFAULT_VERSIONS))
 }
 
 fn connect_tls(

@@ -6,7 +6,6 @@
 mod common;
 use common::certs::{Ca, KeyFormat, Kind};
 use common::*;
-use rustls::pki_types::CertificateDer;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Command, Stdio};
@@ -90,19 +89,7 @@ fn client(
     ca: &std::path::Path,
     version: &'static rustls::SupportedProtocolVersion,
 ) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    Arc::new(rustls_client(Some(ca), &[version]))
 }
 
 /// Five keep-alive `GET /` over one TLS connection from `source` to the server as `a.test`

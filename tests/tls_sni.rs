@@ -207,17 +207,7 @@ fn each_name_gets_its_certificate_with_curl_and_openssl_over_tls_1_2_and_1_3() {
 
 /// A TLS client that never resumes (each connection shows the certificate it was given).
 fn client_config(ca: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls_client(Some(ca), rustls::DEFAULT_VERSIONS);
     config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }

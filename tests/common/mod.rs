@@ -614,3 +614,24 @@ impl Server {
         new
     }
 }
+
+/// A rustls client configuration trusting the certificates of the PEM file `ca` (none:
+/// trusting nothing), for these TLS versions (`rustls::DEFAULT_VERSIONS`: 1.3 and 1.2).
+pub fn rustls_client(
+    ca: Option<&Path>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
