@@ -27,7 +27,8 @@
 # Prints each run, then medians of the rounds and the ratios zerocopy/nginx as Markdown
 # tables, with the machine.
 #
-# Environment: ONLY, CONNECTIONS (wrk, default 50), IDLE (default 5000).
+# Environment: ONLY, CONNECTIONS (wrk, default 50), IDLE (default 5000), ZEROCOPY_BIN (a
+# binary to measure instead of building this checkout's release binary).
 # wrk runs with scripts/wrk_no_resume.c preloaded: stock wrk resumes TLS sessions when it
 # reconnects, and "a full handshake each" must be one. A check before the rounds counts the
 # resumed handshakes (ServerHellos with a pre-shared key, seen on lo) against each server.
@@ -87,8 +88,12 @@ else
   LOAD_CORE=1
 fi
 
-cargo build --release --quiet
-BIN=$PWD/target/release/zerocopy-server
+if [ -n "${ZEROCOPY_BIN:-}" ]; then
+  BIN=$(realpath "$ZEROCOPY_BIN")   # compare another build (e.g. an older commit's) against nginx
+else
+  cargo build --release --quiet
+  BIN=$PWD/target/release/zerocopy-server
+fi
 
 # Everything started is recorded here; cleanup stops each tree by pid, whatever happened.
 WORK=$(mktemp -d)
