@@ -200,6 +200,7 @@ async fn serve_tls(
         }
     };
     count_handshake(&open, tls_stream.session().protocol_version(), true);
+    let h2 = tls_stream.session().alpn_protocol() == Some(b"h2");
     #[cfg(feature = "ktls")]
     let tls_stream = match offload {
         None => tls_stream,
@@ -207,6 +208,10 @@ async fn serve_tls(
             Ok(ktls::stream::Handed::Rustls(tls_stream)) => tls_stream,
             Ok(ktls::stream::Handed::Kernel(ktls_stream, plain)) => {
                 open.slot.count_tls_connection(TlsMode::Ktls);
+                if h2 {
+                    let h2 = super::h2::serve(open, dispatch, ktls_stream, plain, peer, limits);
+                    return Box::pin(h2).await;
+                }
                 let mut client = Client::new(ktls_stream, peer, limits);
                 client.buf = plain;
                 return conn::serve(open, dispatch, client).await;
@@ -218,6 +223,11 @@ async fn serve_tls(
         },
     };
     open.slot.count_tls_connection(TlsMode::Rustls);
+    if h2 {
+        // Boxed: an HTTP/1.1 connection's task must not be as large as an HTTP/2 one's.
+        let h2 = super::h2::serve(open, dispatch, tls_stream, Vec::new(), peer, limits);
+        return Box::pin(h2).await;
+    }
     let client = Client::new(tls_stream, peer, limits);
     conn::serve(open, dispatch, client).await
 }
