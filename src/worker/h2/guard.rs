@@ -8,6 +8,7 @@
 //! it: the connection loop then closes it with GOAWAY `ENHANCE_YOUR_CALM`.
 
 use super::Shared;
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -125,14 +126,16 @@ impl FrameCounter {
 /// `early` holds plaintext read before the connection came here (kTLS takes over a stream
 /// whose rustls had already decrypted some), given out first.
 pub struct Guard<T> {
-    io: T,
+    /// Shared with the connection loop, which reads what a flooding client still sends
+    /// once `h2` is done with it (see `linger`).
+    io: Rc<RefCell<T>>,
     early: Vec<u8>,
     frames: FrameCounter,
     shared: Rc<Shared>,
 }
 
 impl<T> Guard<T> {
-    pub fn new(io: T, early: Vec<u8>, limits: Limits, shared: Rc<Shared>) -> Guard<T> {
+    pub fn new(io: Rc<RefCell<T>>, early: Vec<u8>, limits: Limits, shared: Rc<Shared>) -> Self {
         Guard {
             io,
             early,
@@ -168,7 +171,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let r = Pin::new(&mut *this.io.borrow_mut()).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let new = buf.filled()[before..].to_vec();
             this.counted(&new);
@@ -183,16 +186,32 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        Pin::new(&mut *self.io.borrow_mut()).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        Pin::new(&mut *self.io.borrow_mut()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        Pin::new(&mut *self.io.borrow_mut()).poll_shutdown(cx)
     }
+}
+
+/// After a flood's GOAWAY: reads and drops what the client still sends, until it closes or
+/// `within` passes. Closing with its flood unread would make the kernel answer with a reset,
+/// which can destroy the GOAWAY before the client reads it (HTTP/1.1's lingering close).
+pub async fn linger<T: AsyncRead + Unpin>(io: &RefCell<T>, within: Duration) {
+    let mut scratch = vec![0u8; 16 * 1024];
+    let drain = std::future::poll_fn(|cx| loop {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *io.borrow_mut()).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+            Poll::Ready(_) => return Poll::Ready(()),
+            Poll::Pending => return Poll::Pending,
+        }
+    });
+    let _ = monoio::time::timeout(within, drain).await;
 }
 
 #[cfg(test)]

@@ -143,9 +143,15 @@ pub async fn serve<S>(
 {
     let shared = Shared::new();
     let io = monoio_compat::StreamWrapper::new_with_buffer_size(stream, READ_BUF, WRITE_BUF);
-    let io = Guard::new(io, early, Limits::new(open.h2_streams), shared.clone());
+    let io = Rc::new(RefCell::new(io));
+    let guarded = Guard::new(
+        io.clone(),
+        early,
+        Limits::new(open.h2_streams),
+        shared.clone(),
+    );
     // The preface and first SETTINGS come within the head's deadline, set at the accept.
-    let mut conn = match builder(&open).handshake::<_, Bytes>(io).await {
+    let mut conn = match builder(&open).handshake::<_, Bytes>(guarded).await {
         Ok(conn) => conn,
         Err(e) => {
             log::debug!("HTTP/2 handshake with {peer} failed: {e}");
@@ -183,8 +189,11 @@ pub async fn serve<S>(
                 )));
             }
             Event::Stream(Some(Err(e))) => {
+                // `h2` has sent its GOAWAY (a protocol error, a CONTINUATION flood, too
+                // many resets before accept): let it reach the client.
                 log::debug!("HTTP/2 connection with {peer} failed: {e}");
-                break;
+                drop(conn);
+                return guard::linger(&io, CLOSING).await;
             }
             Event::Stream(None) => break,
             Event::Trip(why) => {
@@ -192,7 +201,8 @@ pub async fn serve<S>(
                 conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
                 let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
                 let _ = monoio::time::timeout(CLOSING, closed).await;
-                break;
+                drop(conn);
+                return guard::linger(&io, CLOSING).await;
             }
             Event::Tick => {
                 let now = Instant::now();

@@ -1,0 +1,218 @@
+"""HTTP/2 client for tests/h2.rs, on the `h2` package (PyPI) over TLS with ALPN h2: many
+streams on one connection, the floods HTTP/2 servers must survive, and a reload under load.
+Prints one JSON object; the Rust test judges it.
+
+usage: h2_client.py PORT streams N PATH
+       h2_client.py PORT flood rapid_reset|continuation|settings|ping
+       h2_client.py PORT flood zero_window PATH
+       h2_client.py PORT reload N PATH MASTER_PID
+"""
+
+import json
+import os
+import signal
+import socket
+import ssl
+import struct
+import sys
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+HOST = "backend.test"
+
+
+def connect(port, window=None):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = ctx.wrap_socket(raw, server_hostname=HOST)
+    assert sock.selected_alpn_protocol() == "h2", sock.selected_alpn_protocol()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    if window is not None:
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+def headers(path, method="GET"):
+    return [(":method", method), (":scheme", "https"), (":authority", HOST), (":path", path)]
+
+
+class Streams:
+    """What came back on each stream, and how the connection ended."""
+
+    def __init__(self):
+        self.status = {}
+        self.body = {}
+        self.ended = set()
+        self.reset = {}
+        self.goaway = []  # (error_code, last_stream_id)
+        self.closed = False
+        self.raw = b""
+        self.error = None
+
+    def frames(self, data):
+        """GOAWAY frames read straight off the wire: the `h2` package may give up on a
+        connection (a flood it sent itself) before it reports them."""
+        self.raw += data
+        while len(self.raw) >= 9:
+            length = int.from_bytes(self.raw[:3], "big")
+            if len(self.raw) < 9 + length:
+                break
+            kind, payload = self.raw[3], self.raw[9 : 9 + length]
+            self.raw = self.raw[9 + length :]
+            if kind == 0x7 and length >= 8:
+                last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                self.goaway.append((int.from_bytes(payload[4:8], "big"), last))
+
+    def feed(self, conn, data, ack=True):
+        self.frames(data)
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                self.status[ev.stream_id] = int(dict(ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                self.body[ev.stream_id] = self.body.get(ev.stream_id, 0) + len(ev.data)
+                if ack and ev.flow_controlled_length:
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                self.ended.add(ev.stream_id)
+            elif isinstance(ev, h2.events.StreamReset):
+                self.reset[ev.stream_id] = int(ev.error_code)
+
+    def pump(self, sock, conn, done, deadline, ack=True):
+        """Reads until `done()`, the connection's end, or the deadline."""
+        while not done() and time.time() < deadline:
+            sock.settimeout(max(0.05, deadline - time.time()))
+            try:
+                data = sock.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            except (ConnectionError, ssl.SSLError, OSError):
+                self.closed = True
+                break
+            if not data:
+                self.closed = True
+                break
+            try:
+                self.feed(conn, data, ack)
+            except Exception as e:  # a frame on a connection h2 already considers closed
+                self.error = repr(e)
+            out = conn.data_to_send()
+            if out:
+                try:
+                    sock.sendall(out)
+                except OSError:
+                    self.closed = True
+                    break
+
+
+def streams(port, n, path):
+    sock, conn = connect(port)
+    ids = []
+    for _ in range(n):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, headers(path), end_stream=True)
+        ids.append(sid)
+    sock.sendall(conn.data_to_send())
+    s = Streams()
+    s.pump(sock, conn, lambda: all(i in s.ended or i in s.reset for i in ids), time.time() + 20)
+    return {
+        "statuses": [s.status.get(i, 0) for i in ids],
+        "bytes": [s.body.get(i, 0) for i in ids],
+        "ended": sum(1 for i in ids if i in s.ended),
+        "reset": len(s.reset),
+        "max_streams": conn.remote_settings.max_concurrent_streams,
+    }
+
+
+def raw_frame(kind, flags, stream, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def flood(port, kind, path=None):
+    s = Streams()
+    start = time.time()
+    if kind == "zero_window":
+        # The server may send no DATA at all: the stream's window is 0 and never opens.
+        sock, conn = connect(port, window=0)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, headers(path), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        s.pump(sock, conn, lambda: s.closed, time.time() + 10, ack=False)
+    else:
+        sock, conn = connect(port)
+        out = b""
+        if kind == "rapid_reset":
+            for _ in range(2000):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, headers("/"), end_stream=True)
+                conn.reset_stream(sid)
+            out = conn.data_to_send()
+        elif kind == "continuation":
+            # HEADERS without END_HEADERS, then CONTINUATION frames that never end the block.
+            block = b"\x82\x87\x84"  # :method GET, :scheme https, :path /
+            out = raw_frame(0x1, 0x1, 1, block)  # END_STREAM, no END_HEADERS
+            out += b"".join(raw_frame(0x9, 0x0, 1, b"\x40\x01a\x01b") for _ in range(10000))
+        elif kind == "settings":
+            out = b"".join(raw_frame(0x4, 0x0, 0, b"") for _ in range(10000))
+        elif kind == "ping":
+            out = b"".join(raw_frame(0x6, 0x0, 0, struct.pack(">Q", i)) for i in range(10000))
+        try:
+            sock.sendall(out)
+        except OSError:
+            s.closed = True
+        s.pump(sock, conn, lambda: s.closed, time.time() + 10)
+    return {
+        "closed": s.closed,
+        "goaway": s.goaway,
+        "seconds": round(time.time() - start, 2),
+        "statuses": list(s.status.values()),
+        "resets": list(s.reset.values()),
+    }
+
+
+def reload(port, n, path, pid):
+    sock, conn = connect(port)
+    ids = []
+    for _ in range(n):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, headers(path), end_stream=True)
+        ids.append(sid)
+    sock.sendall(conn.data_to_send())
+    s = Streams()
+    # Let every stream reach the backend, then reload.
+    s.pump(sock, conn, lambda: False, time.time() + 0.5)
+    os.kill(pid, signal.SIGHUP)
+    s.pump(sock, conn, lambda: all(i in s.ended or i in s.reset for i in ids) and s.goaway, time.time() + 20)
+    last = s.goaway[-1][1] if s.goaway else None
+    return {
+        "complete": sum(1 for i in ids if i in s.ended and s.status.get(i) == 200),
+        "refused": sum(1 for i in ids if last is not None and i > last and i not in s.ended),
+        "reset": {str(k): v for k, v in s.reset.items()},
+        "goaway": s.goaway,
+        "n": n,
+    }
+
+
+def main():
+    port, cmd = int(sys.argv[1]), sys.argv[2]
+    if cmd == "streams":
+        r = streams(port, int(sys.argv[3]), sys.argv[4])
+    elif cmd == "flood":
+        r = flood(port, sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    elif cmd == "reload":
+        r = reload(port, int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    else:
+        raise SystemExit(__doc__)
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
