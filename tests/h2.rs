@@ -338,21 +338,26 @@ fn a_reload_finishes_or_refuses_every_stream_in_flight() {
 }
 
 #[test]
-fn http2_off_keeps_http_1_1_and_inactive_keys_are_named() {
+fn http2_off_keeps_http_1_1_and_h2c_serves_prior_knowledge() {
     let h = start("http2 = false");
     let c = curl(&h, "/index.html", &["--http2"]);
     assert_eq!((c.version.as_str(), c.code), ("1.1", 200));
-    // h2c is parsed but not served yet: the log says so.
-    let s = Server::prepare(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 1\nhttp2_cleartext = true\n[path_routes.\"*\".\"/\"]\npath = \"{dir}\"\n",
+    // h2c: HTTP/2 with prior knowledge on a plain listener, HTTP/1.1 beside it.
+    let mut s = Server::prepare(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 1\nhttp2_cleartext = true\n[path_routes.\"*\".\"/\"]\npath = \"{dir}/www\"\n",
     );
-    let mut s = s;
+    s.write_file("www/index.html", b"plain h2\n");
     s.spawn();
     s.wait_ready();
-    let said = wait_until(Duration::from_secs(5), || {
-        s.log().contains("server.http2_cleartext is not active yet")
-    });
-    assert!(said, "{}", s.log());
+    for (flag, version) in [("--http2-prior-knowledge", "2"), ("--http1.1", "1.1")] {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5", flag, "-w", " %{http_version}"])
+            .arg(s.url("/index.html"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(text, format!("plain h2\n {version}"), "{flag}: {}", s.log());
+    }
     // Out of range: a config error.
     let bad = Server::prepare(
         "[server]\nlisten = \"127.0.0.1:{port}\"\nhttp2_max_concurrent_streams = 0\n",

@@ -74,8 +74,7 @@ pub struct ServerConfig {
     /// known: the spec's 30 s default.
     #[serde(default = "thirty")]
     pub client_header_timeout_secs: u64,
-    /// HTTP/2 with prior knowledge (h2c) on `http_listen`. Parsed and checked; not served yet
-    /// (the worker logs so at startup).
+    /// HTTP/2 with prior knowledge (h2c) on the plain-HTTP listeners, beside HTTP/1.1.
     #[serde(default)]
     pub http2_cleartext: bool,
     /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).

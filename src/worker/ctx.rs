@@ -37,6 +37,8 @@ pub struct Ctx {
     pub head_timeout: Duration,
     /// `server.http2_max_concurrent_streams`.
     pub h2_streams: u32,
+    /// `server.http2_cleartext`: plain connections may open with the HTTP/2 preface.
+    pub h2c: bool,
     /// Reusable 64 KiB buffers for bodies: a request holds one only while it moves body
     /// bytes, and an idle connection holds none.
     bodies: BufPool,
@@ -111,6 +113,7 @@ impl Ctx {
             keepalive: Duration::from_secs(server.keepalive_timeout_secs),
             head_timeout: Duration::from_secs(server.client_header_timeout_secs),
             h2_streams: server.http2_max_concurrent_streams,
+            h2c: server.http2_cleartext,
             bodies: BufPool::new(BODY_BUF, BODIES_MAX),
             heads: BufPool::new(HEAD_BUF, HEADS_MAX),
             idle: Default::default(),

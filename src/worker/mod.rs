@@ -175,7 +175,4 @@ fn log_inactive_keys(c: &Config, index: usize) {
     if polling {
         log::warn!("websocket_poll_* keys have no effect: WebSocket tunnels are driven by I/O completions, with no polling to tune");
     }
-    if c.server.http2_cleartext {
-        log::warn!("server.http2_cleartext is not active yet: http_listen speaks HTTP/1.1 only (HTTP/2 is served over TLS, by ALPN)");
-    }
 }

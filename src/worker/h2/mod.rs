@@ -1,4 +1,5 @@
-//! HTTP/2 client connections (RFC 9113), on the TLS listener when ALPN agreed on `h2`. The
+//! HTTP/2 client connections (RFC 9113): on the TLS listener when ALPN agreed on `h2`, and
+//! on a plain listener with `http2_cleartext` when a connection opens with the preface. The
 //! `h2` crate does the framing, HPACK and flow-control accounting; this module drives one
 //! connection: its settings, one task per stream (`stream`), the flood limits (`guard`), the
 //! idle timeout, and a graceful GOAWAY when the worker drains.
