@@ -4,8 +4,7 @@
 //! as fast as the client's window opens, so flow control is the back-pressure both ways.
 
 use super::body::StreamBody;
-use super::send::{self, SendError};
-use super::stream::{body_timeout, finish, send_timeout};
+use super::send::{self, body_timeout, finish, send_timeout, SendError};
 use super::Shared;
 use crate::shared::config::RouteSecurity;
 use crate::worker::ctx::Ctx;

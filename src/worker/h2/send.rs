@@ -4,6 +4,9 @@
 //! stream never holds more than one piece beyond what the client accepted.
 
 use super::Shared;
+use crate::shared::config::RouteSecurity;
+use crate::worker::ctx::Ctx;
+use crate::worker::exchange::{prepare, Meta};
 use crate::worker::http::respond::{Body, Response};
 use crate::worker::http::ResponseHead;
 use bytes::Bytes;
@@ -186,4 +189,35 @@ async fn file_body(
         data(out, Bytes::from(buf), done == len)?;
     }
     Ok(len)
+}
+
+/// Sends `r` with the route's header changes and records it.
+pub async fn finish(
+    ctx: &Ctx,
+    respond: &mut SendResponse<Bytes>,
+    r: Response,
+    sec: Option<&RouteSecurity>,
+    meta: Meta,
+    shared: &Shared,
+) {
+    let (r, _) = prepare(r, true, sec, &meta);
+    let status = r.status();
+    let timeout = send_timeout(sec.unwrap_or(&ctx.default_security));
+    let sent = match response(respond, r, timeout, shared).await {
+        Ok(n) => n,
+        Err(SendError::File(e)) => {
+            log::error!("a file response stopped short: {e}");
+            0
+        }
+        Err(_) => 0,
+    };
+    meta.record(ctx, status, sent);
+}
+
+pub fn send_timeout(sec: &RouteSecurity) -> Duration {
+    Duration::from_secs(sec.send_timeout_secs)
+}
+
+pub fn body_timeout(sec: &RouteSecurity) -> Duration {
+    Duration::from_secs(sec.client_body_timeout_secs)
 }

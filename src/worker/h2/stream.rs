@@ -8,12 +8,12 @@
 //! PROTOCOL_ERROR, as RFC 9113 §8.1.1 requires (HTTP/1.1 answers 400 to the same requests).
 
 use super::body::StreamBody;
-use super::send::{self, SendError};
+use super::send::{body_timeout, finish};
 use super::{Shared, StreamOpen};
 use crate::shared::config::RouteSecurity;
 use crate::worker::ctx::Ctx;
 use crate::worker::dispatch::{Dispatch, Routed};
-use crate::worker::exchange::{canonical_ip, prepare, Incoming, Meta};
+use crate::worker::exchange::{canonical_ip, Incoming, Meta};
 use crate::worker::http::respond::{Body, Response};
 use crate::worker::http::{self, Framing, Request, ResponseHead};
 use bytes::Bytes;
@@ -21,7 +21,7 @@ use h2::server::SendResponse;
 use h2::RecvStream;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// A stream's request as it arrived.
 pub struct Arrived {
@@ -180,37 +180,6 @@ async fn answer(
         }
     }
     finish(ctx, &mut respond, r, sec, meta, shared).await
-}
-
-/// Sends `r` with the route's header changes and records it.
-pub async fn finish(
-    ctx: &Ctx,
-    respond: &mut SendResponse<Bytes>,
-    r: Response,
-    sec: Option<&RouteSecurity>,
-    meta: Meta,
-    shared: &Shared,
-) {
-    let (r, _) = prepare(r, true, sec, &meta);
-    let status = r.status();
-    let timeout = send_timeout(sec.unwrap_or(&ctx.default_security));
-    let sent = match send::response(respond, r, timeout, shared).await {
-        Ok(n) => n,
-        Err(SendError::File(e)) => {
-            log::error!("a file response stopped short: {e}");
-            0
-        }
-        Err(_) => 0,
-    };
-    meta.record(ctx, status, sent);
-}
-
-pub fn send_timeout(sec: &RouteSecurity) -> Duration {
-    Duration::from_secs(sec.send_timeout_secs)
-}
-
-pub fn body_timeout(sec: &RouteSecurity) -> Duration {
-    Duration::from_secs(sec.client_body_timeout_secs)
 }
 
 #[cfg(test)]
