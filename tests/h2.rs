@@ -38,6 +38,13 @@ url = "http://127.0.0.1:{backend}/"
 max_request_body_size = 104857600
 add_response_headers = { "X-Route" = "api" }
 
+[path_routes."*"."/small/"]
+type = "Proxy"
+url = "http://127.0.0.1:{backend}/"
+[path_routes."*"."/small/".security]
+max_request_body_size = 1000
+max_chunked_body_size = 1000
+
 [path_routes."*"."/stall/"]
 path = "{dir}/www"
 [path_routes."*"."/stall/".security]
@@ -50,14 +57,19 @@ struct H2Server {
     _backend: Backend,
 }
 
-/// A server with files, a redirect, a proxy route to a test backend and a route with a
-/// 1-second send timeout; `extra` is appended to its `[tls]`... config (`{dir}` expanded).
-fn start(tls_extra: &str) -> H2Server {
+/// A server with files, a redirect, proxy routes to a test backend (one with 1000-byte body
+/// limits) and a route with a 1-second send timeout; `server_extra` and `tls_extra` are
+/// added to its `[server]` and `[tls]` tables.
+fn start(server_extra: &str, tls_extra: &str) -> H2Server {
     let backend = Backend::start("b1");
     let http_port = free_port();
     let template = CONFIG
         .replace("{http_port}", &http_port.to_string())
         .replace("{backend}", &backend.port.to_string())
+        .replace(
+            "shutdown_timeout_secs = 15\n",
+            &format!("shutdown_timeout_secs = 15\n{server_extra}\n"),
+        )
         .replace(
             "key_path = \"{dir}/server.key\"\n",
             &format!("key_path = \"{{dir}}/server.key\"\n{tls_extra}\n"),
@@ -162,7 +174,7 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn curl_gets_every_route_type_over_http2() {
-    let h = start("");
+    let h = start("", "");
     let c = h2_get(&h, "/index.html", &[]);
     assert_eq!((c.code, c.body.as_slice()), (200, &b"hello over h2\n"[..]));
     let etag = c
@@ -236,7 +248,7 @@ fn curl_gets_every_route_type_over_http2() {
 
 #[test]
 fn proxied_bodies_stream_both_ways_byte_exact() {
-    let h = start("");
+    let h = start("", "");
     // 50 MB up: the backend answers with the length and hash of what it received.
     let body = pattern(50 << 20, 3);
     let mut fnv = Fnv::default();
@@ -272,7 +284,7 @@ fn proxied_bodies_stream_both_ways_byte_exact() {
 
 #[test]
 fn a_hundred_streams_on_one_connection_are_all_answered() {
-    let h = start("");
+    let h = start("", "");
     let r = client(&h, &["streams", "100", "/mid.bin"]);
     assert!(r.contains("\"max_streams\": 128"), "{r}");
     assert!(r.contains("\"ended\": 100"), "{r}");
@@ -283,7 +295,7 @@ fn a_hundred_streams_on_one_connection_are_all_answered() {
 
 #[test]
 fn each_flood_closes_its_connection_and_the_worker_serves_on() {
-    let h = start("");
+    let h = start("", "");
     for kind in [
         &["flood", "rapid_reset"][..],
         &["flood", "continuation"],
@@ -317,7 +329,7 @@ fn each_flood_closes_its_connection_and_the_worker_serves_on() {
 
 #[test]
 fn a_reload_finishes_or_refuses_every_stream_in_flight() {
-    let h = start("");
+    let h = start("", "");
     let pid = h.s.pid().to_string();
     let r = client(&h, &["reload", "100", "/api/slow?ms=2500", &pid]);
     let number = |key: &str| -> usize {
@@ -339,7 +351,7 @@ fn a_reload_finishes_or_refuses_every_stream_in_flight() {
 
 #[test]
 fn http2_off_keeps_http_1_1_and_h2c_serves_prior_knowledge() {
-    let h = start("http2 = false");
+    let h = start("", "http2 = false");
     let c = curl(&h, "/index.html", &["--http2"]);
     assert_eq!((c.version.as_str(), c.code), ("1.1", 200));
     // h2c: HTTP/2 with prior knowledge on a plain listener, HTTP/1.1 beside it.
@@ -375,4 +387,65 @@ fn http2_off_keeps_http_1_1_and_h2c_serves_prior_knowledge() {
         text.contains("server.http2_max_concurrent_streams"),
         "{text}"
     );
+}
+
+#[test]
+fn request_bodies_keep_the_route_limits() {
+    let h = start("", "");
+    let body = h.s.write_file("body.bin", &pattern(2000, 1));
+    let at = format!("@{}", body.display());
+    // A declared length past max_request_body_size: 413 before any byte is read.
+    let c = h2_get(&h, "/small/upload", &["--data-binary", &at]);
+    assert_eq!(c.code, 413);
+    // No length (curl streams stdin): past max_chunked_body_size while it arrives.
+    let port = h.s.port;
+    let out = Command::new("curl")
+        .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
+        .arg(&h.ca)
+        .arg("--resolve")
+        .arg(format!("backend.test:{port}:127.0.0.1"))
+        .args([
+            "-w",
+            "%{http_version} %{http_code}",
+            "-o",
+            "/dev/null",
+            "-T",
+            "-",
+        ])
+        .arg(format!("https://backend.test:{port}/small/upload"))
+        .stdin(std::fs::File::open(&body).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 413");
+    // Within the limit, without a length: sent on chunked, received whole.
+    let small = h.s.write_file("small.bin", &pattern(900, 2));
+    let out = Command::new("curl")
+        .args(["-sS", "--http2", "--max-time", "10", "--cacert"])
+        .arg(&h.ca)
+        .arg("--resolve")
+        .arg(format!("backend.test:{port}:127.0.0.1"))
+        .args(["-T", "-"])
+        .arg(format!("https://backend.test:{port}/small/upload"))
+        .stdin(std::fs::File::open(&small).unwrap())
+        .output()
+        .unwrap();
+    let mut fnv = Fnv::default();
+    fnv.update(&pattern(900, 2));
+    let want = format!("900 {:016x}", fnv.0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+}
+
+#[test]
+fn an_idle_connection_ends_with_a_goaway() {
+    let h = start("keepalive_timeout_secs = 1", "");
+    let r = client(&h, &["idle"]);
+    assert!(r.contains("\"closed\": true"), "{r}");
+    // NO_ERROR, naming no stream (none was opened).
+    assert!(r.contains("[0, 0]"), "{r}");
+    let secs: f64 = r
+        .split("\"seconds\": ")
+        .nth(1)
+        .and_then(|t| t.trim_end_matches(['}', '\n']).parse().ok())
+        .unwrap();
+    assert!((0.9..4.0).contains(&secs), "{r}");
 }

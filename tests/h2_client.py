@@ -6,6 +6,7 @@ usage: h2_client.py PORT streams N PATH
        h2_client.py PORT flood rapid_reset|continuation|settings|ping
        h2_client.py PORT flood zero_window PATH
        h2_client.py PORT reload N PATH MASTER_PID
+       h2_client.py PORT idle
 """
 
 import json
@@ -222,12 +223,23 @@ def reload(port, n, path, pid):
     }
 
 
+def idle(port):
+    """Opens a connection and sends nothing more: how and when does the server end it?"""
+    sock, conn = connect(port)
+    s = Streams()
+    start = time.time()
+    s.pump(sock, conn, lambda: s.closed, time.time() + 10)
+    return {"closed": s.closed, "goaway": s.goaway, "seconds": round(time.time() - start, 2)}
+
+
 def main():
     port, cmd = int(sys.argv[1]), sys.argv[2]
     if cmd == "streams":
         r = streams(port, int(sys.argv[3]), sys.argv[4])
     elif cmd == "flood":
         r = flood(port, sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    elif cmd == "idle":
+        r = idle(port)
     elif cmd == "reload":
         r = reload(port, int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     else:
