@@ -45,6 +45,10 @@ url = "http://127.0.0.1:{backend}/"
 max_request_body_size = 1000
 max_chunked_body_size = 1000
 
+[path_routes."*"."/hold/"]
+type = "Proxy"
+url = "http://127.0.0.1:{hold}/"
+
 [path_routes."*"."/stall/"]
 path = "{dir}/www"
 [path_routes."*"."/stall/".security]
@@ -55,6 +59,8 @@ struct H2Server {
     s: Server,
     ca: PathBuf,
     _backend: Backend,
+    /// The backend of `/hold/`: accepts and never answers.
+    hold: std::net::TcpListener,
 }
 
 /// A server with files, a redirect, proxy routes to a test backend (one with 1000-byte body
@@ -62,10 +68,12 @@ struct H2Server {
 /// added to its `[server]` and `[tls]` tables.
 fn start(server_extra: &str, tls_extra: &str) -> H2Server {
     let backend = Backend::start("b1");
+    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let http_port = free_port();
     let template = CONFIG
         .replace("{http_port}", &http_port.to_string())
         .replace("{backend}", &backend.port.to_string())
+        .replace("{hold}", &hold.local_addr().unwrap().port().to_string())
         .replace(
             "shutdown_timeout_secs = 15\n",
             &format!("shutdown_timeout_secs = 15\n{server_extra}\n"),
@@ -91,6 +99,7 @@ fn start(server_extra: &str, tls_extra: &str) -> H2Server {
         s,
         ca,
         _backend: backend,
+        hold,
     }
 }
 
@@ -448,4 +457,33 @@ fn an_idle_connection_ends_with_a_goaway() {
         .and_then(|t| t.trim_end_matches(['}', '\n']).parse().ok())
         .unwrap();
     assert!((0.9..4.0).contains(&secs), "{r}");
+}
+
+#[test]
+fn a_reset_stream_lets_go_of_its_backend_connection() {
+    let h = start("", "");
+    let hold = h.hold.try_clone().unwrap();
+    let seen = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut c, _) = hold.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut head = Vec::new();
+        // The request, then nothing: wait for the proxy to close its side.
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return (head, Some(Instant::now())),
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+                Err(_) => return (head, None),
+            }
+        }
+    });
+    let t = Instant::now();
+    let r = client(&h, &["cancel", "/hold/x"]);
+    assert!(r.contains("\"statuses\": []"), "{r}");
+    let (head, closed) = seen.join().unwrap();
+    assert!(String::from_utf8_lossy(&head).starts_with("GET /x HTTP/1.1"));
+    let closed = closed.expect("the backend connection was not closed");
+    // Reset at 0.3 s; the connection to the client stays open until 2.3 s.
+    assert!(closed - t < Duration::from_millis(1500), "{:?}", closed - t);
 }

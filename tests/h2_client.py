@@ -7,6 +7,7 @@ usage: h2_client.py PORT streams N PATH
        h2_client.py PORT flood zero_window PATH
        h2_client.py PORT reload N PATH MASTER_PID
        h2_client.py PORT idle
+       h2_client.py PORT cancel PATH
 """
 
 import json
@@ -232,12 +233,28 @@ def idle(port):
     return {"closed": s.closed, "goaway": s.goaway, "seconds": round(time.time() - start, 2)}
 
 
+def cancel(port, path):
+    """Opens a stream, resets it (CANCEL) after 0.3 s, and keeps the connection for 2 s."""
+    sock, conn = connect(port)
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, headers(path), end_stream=True)
+    sock.sendall(conn.data_to_send())
+    s = Streams()
+    s.pump(sock, conn, lambda: False, time.time() + 0.3)
+    conn.reset_stream(sid)
+    sock.sendall(conn.data_to_send())
+    s.pump(sock, conn, lambda: False, time.time() + 2)
+    return {"closed": s.closed, "statuses": list(s.status.values())}
+
+
 def main():
     port, cmd = int(sys.argv[1]), sys.argv[2]
     if cmd == "streams":
         r = streams(port, int(sys.argv[3]), sys.argv[4])
     elif cmd == "flood":
         r = flood(port, sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    elif cmd == "cancel":
+        r = cancel(port, sys.argv[3])
     elif cmd == "idle":
         r = idle(port)
     elif cmd == "reload":

@@ -51,7 +51,14 @@ impl Exchange<'_> {
         let timeout = body_timeout(self.sec);
         let mut body = StreamBody::new(recv, framing, self.sec.max_chunked_body_size, timeout);
         let since = Instant::now();
-        let answered = proxy::send(self.ctx, self.pool, &mut body, self.route, &p).await;
+        // A stream the client resets stops here: its backend connection is not held until
+        // the backend answers (a Rapid Reset below the frame limit must not pile them up).
+        let sent = proxy::send(self.ctx, self.pool, &mut body, self.route, &p);
+        let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        let answered = monoio::select! {
+            a = sent => a,
+            _ = reset => return,
+        };
         let answered = match answered {
             Ok(a) => a,
             Err(f) => return self.failed(&mut respond, f, meta).await,
