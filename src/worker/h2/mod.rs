@@ -163,6 +163,9 @@ pub async fn serve<S>(
     limits.set_read(Limit::None);
     let ctx = open.ctx();
     let mut closing: Option<Instant> = None;
+    // One timer for the connection's life, re-armed when it fires: a stream accepted must
+    // not cost a timer of its own.
+    let mut tick = std::pin::pin!(monoio::time::sleep(TICK));
     loop {
         enum Event<T> {
             Stream(Option<Result<T, h2::Error>>),
@@ -171,7 +174,7 @@ pub async fn serve<S>(
         }
         let event = monoio::select! {
             r = conn.accept() => Event::Stream(r),
-            _ = monoio::time::sleep(TICK) => Event::Tick,
+            _ = &mut tick => Event::Tick,
             why = shared.wait_trip() => Event::Trip(why),
         };
         match event {
@@ -207,6 +210,7 @@ pub async fn serve<S>(
             }
             Event::Tick => {
                 let now = Instant::now();
+                tick.as_mut().reset((now + TICK).into());
                 let idle = shared.streams.get() == 0;
                 let idle_long = idle && now - shared.idle_since.get() >= open.keepalive;
                 if closing.is_none() && (open.draining.get() || idle_long) {
