@@ -152,7 +152,7 @@ pub async fn serve<S>(
         shared.clone(),
     );
     // The preface and first SETTINGS come within the head's deadline, set at the accept.
-    let mut conn = match builder(&open).handshake::<_, Bytes>(guarded).await {
+    let conn = match builder(&open).handshake::<_, Bytes>(guarded).await {
         Ok(conn) => conn,
         Err(e) => {
             log::debug!("HTTP/2 handshake with {peer} failed: {e}");
@@ -161,69 +161,119 @@ pub async fn serve<S>(
     };
     // From now on a wait for frames is not an error: the idle timeout below bounds it.
     limits.set_read(Limit::None);
-    let ctx = open.ctx();
-    let mut closing: Option<Instant> = None;
-    // One timer for the connection's life, re-armed when it fires: a stream accepted must
-    // not cost a timer of its own.
-    let mut tick = std::pin::pin!(monoio::time::sleep(TICK));
-    loop {
-        enum Event<T> {
-            Stream(Option<Result<T, h2::Error>>),
-            Tick,
-            Trip(&'static str),
-        }
-        let event = monoio::select! {
-            r = conn.accept() => Event::Stream(r),
-            _ = &mut tick => Event::Tick,
-            why = shared.wait_trip() => Event::Trip(why),
-        };
-        match event {
-            Event::Stream(Some(Ok((req, respond)))) => {
-                ctx.slot.http2_streams.fetch_add(1, Relaxed);
-                let arrived = stream::Arrived {
-                    req,
-                    respond,
-                    peer,
-                    open: StreamOpen::new(&shared),
-                };
-                drop(monoio::spawn(stream::serve(
-                    ctx.clone(),
-                    dispatch.clone(),
-                    arrived,
-                )));
+    let mut driver = Driver {
+        conn,
+        ctx: open.ctx(),
+        open,
+        dispatch,
+        shared,
+        peer,
+        closing: None,
+    };
+    if driver.run().await == End::Linger {
+        drop(driver);
+        guard::linger(&io, CLOSING).await;
+    }
+}
+
+type Connection<S> = h2::server::Connection<Guard<monoio_compat::StreamWrapper<S>>, Bytes>;
+
+/// One connection after its handshake.
+struct Driver<S> {
+    conn: Connection<S>,
+    ctx: Rc<super::ctx::Ctx>,
+    /// Counts the connection open until the driver is dropped.
+    open: Open,
+    dispatch: Rc<Dispatch>,
+    shared: Rc<Shared>,
+    peer: SocketAddr,
+    /// When the graceful GOAWAY was sent.
+    closing: Option<Instant>,
+}
+
+#[derive(PartialEq, Eq)]
+enum End {
+    /// Closed as the protocol closes.
+    Closed,
+    /// A GOAWAY went out after an error or a flood: drain what the client still sends.
+    Linger,
+}
+
+impl<S> Driver<S>
+where
+    S: AsyncReadRent + AsyncWriteRent + Split + Unpin + 'static,
+{
+    async fn run(&mut self) -> End {
+        // One timer for the connection's life, re-armed when it fires: a stream accepted
+        // must not cost a timer of its own.
+        let mut tick = std::pin::pin!(monoio::time::sleep(TICK));
+        loop {
+            enum Event<T> {
+                Stream(Option<Result<T, h2::Error>>),
+                Tick,
+                Trip(&'static str),
             }
-            Event::Stream(Some(Err(e))) => {
-                // `h2` has sent its GOAWAY (a protocol error, a CONTINUATION flood, too
-                // many resets before accept): let it reach the client.
-                log::debug!("HTTP/2 connection with {peer} failed: {e}");
-                drop(conn);
-                return guard::linger(&io, CLOSING).await;
-            }
-            Event::Stream(None) => break,
-            Event::Trip(why) => {
-                log::warn!("HTTP/2 client {peer}: {why}: closing with ENHANCE_YOUR_CALM");
-                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                let closed = std::future::poll_fn(|cx| conn.poll_closed(cx));
-                let _ = monoio::time::timeout(CLOSING, closed).await;
-                drop(conn);
-                return guard::linger(&io, CLOSING).await;
-            }
-            Event::Tick => {
-                let now = Instant::now();
-                tick.as_mut().reset((now + TICK).into());
-                let idle = shared.streams.get() == 0;
-                let idle_long = idle && now - shared.idle_since.get() >= open.keepalive;
-                if closing.is_none() && (open.draining.get() || idle_long) {
-                    // GOAWAY naming the last stream taken; the ones in flight finish.
-                    conn.graceful_shutdown();
-                    closing = Some(now);
+            let event = monoio::select! {
+                r = self.conn.accept() => Event::Stream(r),
+                _ = &mut tick => Event::Tick,
+                why = self.shared.wait_trip() => Event::Trip(why),
+            };
+            match event {
+                Event::Stream(Some(Ok((req, respond)))) => self.spawn(req, respond),
+                Event::Stream(Some(Err(e))) => {
+                    // `h2` has sent its GOAWAY (a protocol error, a CONTINUATION flood, too
+                    // many resets before accept): let it reach the client.
+                    log::debug!("HTTP/2 connection with {} failed: {e}", self.peer);
+                    return End::Linger;
                 }
-                // A client that does not take part in the close (no PING answer) is not
-                // waited for once nothing is left to finish.
-                if closing.is_some_and(|at| idle && now - at >= CLOSING) {
-                    break;
+                Event::Stream(None) => return End::Closed,
+                Event::Trip(why) => {
+                    log::warn!(
+                        "HTTP/2 client {}: {why}: closing with ENHANCE_YOUR_CALM",
+                        self.peer
+                    );
+                    self.conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                    let closed = std::future::poll_fn(|cx| self.conn.poll_closed(cx));
+                    let _ = monoio::time::timeout(CLOSING, closed).await;
+                    return End::Linger;
+                }
+                Event::Tick => {
+                    let now = Instant::now();
+                    tick.as_mut().reset((now + TICK).into());
+                    if self.tick(now) {
+                        return End::Closed;
+                    }
                 }
             }
         }
     }
+
+    /// A stream's own task.
+    fn spawn(&self, req: http_types::Request<h2::RecvStream>, respond: SendResponse) {
+        self.ctx.slot.http2_streams.fetch_add(1, Relaxed);
+        let arrived = stream::Arrived {
+            req,
+            respond,
+            peer: self.peer,
+            open: StreamOpen::new(&self.shared),
+        };
+        let task = stream::serve(self.ctx.clone(), self.dispatch.clone(), arrived);
+        drop(monoio::spawn(task));
+    }
+
+    /// The drain and the idle timeout. `true`: the connection is done.
+    fn tick(&mut self, now: Instant) -> bool {
+        let idle = self.shared.streams.get() == 0;
+        let idle_long = idle && now - self.shared.idle_since.get() >= self.open.keepalive;
+        if self.closing.is_none() && (self.open.draining.get() || idle_long) {
+            // GOAWAY naming the last stream taken; the ones in flight finish.
+            self.conn.graceful_shutdown();
+            self.closing = Some(now);
+        }
+        // A client that does not take part in the close (no PING answer) is not waited for
+        // once nothing is left to finish.
+        self.closing.is_some_and(|at| idle && now - at >= CLOSING)
+    }
 }
+
+type SendResponse = h2::server::SendResponse<Bytes>;
