@@ -487,3 +487,24 @@ fn a_reset_stream_lets_go_of_its_backend_connection() {
     // Reset at 0.3 s; the connection to the client stays open until 2.3 s.
     assert!(closed - t < Duration::from_millis(1500), "{:?}", closed - t);
 }
+
+#[test]
+fn what_http2_forbids_in_a_request_is_refused() {
+    let h = start("", "");
+    let r = client(&h, &["malformed", "/api/echo"]);
+    // Connection-specific fields, TE other than trailers, a body longer than its
+    // content-length: that stream is reset with PROTOCOL_ERROR (1), never answered, and the
+    // connection serves the next request.
+    for case in ["connection", "transfer-encoding", "te", "content-length"] {
+        let want = format!(
+            "\"{case}\": {{\"reset\": 1, \"answered\": false, \"goaway\": [], \"then\": 200}}"
+        );
+        assert!(r.contains(&want), "{case}: {r}");
+    }
+    // An upper-case name fails HPACK decoding in `h2`: the connection ends, GOAWAY
+    // PROTOCOL_ERROR.
+    assert!(
+        r.contains("\"uppercase\": {\"reset\": null, \"answered\": false, \"goaway\": [1], \"then\": null}"),
+        "{r}"
+    );
+}

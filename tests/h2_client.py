@@ -8,6 +8,7 @@ usage: h2_client.py PORT streams N PATH
        h2_client.py PORT reload N PATH MASTER_PID
        h2_client.py PORT idle
        h2_client.py PORT cancel PATH
+       h2_client.py PORT malformed PATH
 """
 
 import json
@@ -27,7 +28,7 @@ import h2.settings
 HOST = "backend.test"
 
 
-def connect(port, window=None):
+def connect(port, window=None, validate=True):
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -35,7 +36,12 @@ def connect(port, window=None):
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock = ctx.wrap_socket(raw, server_hostname=HOST)
     assert sock.selected_alpn_protocol() == "h2", sock.selected_alpn_protocol()
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    config = h2.config.H2Configuration(
+        client_side=True,
+        validate_outbound_headers=validate,
+        normalize_outbound_headers=validate,
+    )
+    conn = h2.connection.H2Connection(config)
     conn.initiate_connection()
     if window is not None:
         conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
@@ -247,12 +253,53 @@ def cancel(port, path):
     return {"closed": s.closed, "statuses": list(s.status.values())}
 
 
+def malformed(port, path):
+    """Requests HTTP/2 forbids, each on a connection of its own, then a good request on the
+    same connection if it is still open: what did each get?"""
+    cases = {
+        "connection": [("connection", "keep-alive")],
+        "transfer-encoding": [("transfer-encoding", "chunked")],
+        "te": [("te", "gzip")],
+        "uppercase": [("X-Upper", "1")],
+        "content-length": None,
+    }
+    out = {}
+    for name, extra in cases.items():
+        sock, conn = connect(port, validate=False)
+        sid = conn.get_next_available_stream_id()
+        if extra is None:
+            # A body longer than its content-length.
+            conn.send_headers(sid, headers(path, "POST") + [("content-length", "3")])
+            conn.send_data(sid, b"12345", end_stream=True)
+        else:
+            conn.send_headers(sid, headers(path) + extra, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        s = Streams()
+        s.pump(sock, conn, lambda: sid in s.wire_ended or sid in s.wire_reset or s.goaway, time.time() + 5)
+        good = None
+        if not s.goaway and not s.closed:
+            good = conn.get_next_available_stream_id()
+            conn.send_headers(good, headers(path), end_stream=True)
+            sock.sendall(conn.data_to_send())
+            s.pump(sock, conn, lambda: good in s.wire_ended, time.time() + 5)
+        out[name] = {
+            "reset": s.wire_reset.get(sid),
+            "answered": sid in s.wire_ended,
+            "goaway": [g[0] for g in s.goaway],
+            "then": s.status.get(good) if good else None,
+        }
+        sock.close()
+    return out
+
+
 def main():
     port, cmd = int(sys.argv[1]), sys.argv[2]
     if cmd == "streams":
         r = streams(port, int(sys.argv[3]), sys.argv[4])
     elif cmd == "flood":
         r = flood(port, sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    elif cmd == "malformed":
+        r = malformed(port, sys.argv[3])
     elif cmd == "cancel":
         r = cancel(port, sys.argv[3])
     elif cmd == "idle":
