@@ -310,6 +310,7 @@ fn each_flood_closes_its_connection_and_the_worker_serves_on() {
         &["flood", "continuation"],
         &["flood", "settings"],
         &["flood", "ping"],
+        &["flood", "empty_data"],
         &["flood", "zero_window", "/stall/big.bin"],
     ] {
         let r = client(&h, kind);

@@ -3,7 +3,7 @@ streams on one connection, the floods HTTP/2 servers must survive, and a reload 
 Prints one JSON object; the Rust test judges it.
 
 usage: h2_client.py PORT streams N PATH
-       h2_client.py PORT flood rapid_reset|continuation|settings|ping
+       h2_client.py PORT flood rapid_reset|continuation|settings|ping|empty_data
        h2_client.py PORT flood zero_window PATH
        h2_client.py PORT reload N PATH MASTER_PID
        h2_client.py PORT idle
@@ -186,6 +186,12 @@ def flood(port, kind, path=None):
             block = b"\x82\x87\x84"  # :method GET, :scheme https, :path /
             out = raw_frame(0x1, 0x1, 1, block)  # END_STREAM, no END_HEADERS
             out += b"".join(raw_frame(0x9, 0x0, 1, b"\x40\x01a\x01b") for _ in range(10000))
+        elif kind == "empty_data":
+            # A POST stream whose body is empty DATA frames that never end it.
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, headers("/api/upload", "POST"))
+            out = conn.data_to_send()
+            out += b"".join(raw_frame(0x0, 0x0, sid, b"") for _ in range(10000))
         elif kind == "settings":
             out = b"".join(raw_frame(0x4, 0x0, 0, b"") for _ in range(10000))
         elif kind == "ping":

@@ -1,6 +1,6 @@
 //! The client's bytes on their way to the `h2` crate, counted frame by frame: the floods
-//! HTTP/2 made possible (Rapid Reset, CVE-2023-44487; PING and SETTINGS floods) are made of
-//! frames that the crate answers correctly, one by one, without ever closing the connection.
+//! HTTP/2 made possible (Rapid Reset, CVE-2023-44487; PING, SETTINGS and empty-frame floods,
+//! CVE-2019-9512/9515/9518) are made of frames that the crate answers correctly, one by one, without ever closing the connection.
 //! Only the 9-byte frame headers are looked at (RFC 9113 §4.1): type and length, to count
 //! the frame and skip its payload; the crate still does all the parsing.
 //!
@@ -20,10 +20,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER: usize = 9;
 
+const DATA: u8 = 0x0;
+const END_STREAM: u8 = 0x1;
 const PRIORITY: u8 = 0x2;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+
+/// Not a frame type on the wire (types are 0x0-0x9 and extensions): an empty DATA frame
+/// that does not end its stream, counted apart.
+const EMPTY_DATA: u8 = 0xFF;
 
 /// Frames of a kind a client may send in one second. A browser sends a handful of SETTINGS
 /// and PINGs in a connection's life and resets streams it no longer needs; a flood sends
@@ -34,6 +40,8 @@ pub struct Limits {
     pub pings: u32,
     pub settings: u32,
     pub priorities: u32,
+    /// DATA frames with no byte that do not end their stream: they carry nothing.
+    pub empty: u32,
 }
 
 impl Limits {
@@ -45,6 +53,7 @@ impl Limits {
             pings: 50,
             settings: 50,
             priorities: 1000,
+            empty: 100,
         }
     }
 }
@@ -58,7 +67,7 @@ pub struct FrameCounter {
     /// Payload bytes of the current frame not seen yet.
     skip: usize,
     window: Instant,
-    counts: [u32; 4],
+    counts: [u32; 5],
 }
 
 impl FrameCounter {
@@ -70,7 +79,7 @@ impl FrameCounter {
             have: 0,
             skip: 0,
             window: now,
-            counts: [0; 4],
+            counts: [0; 5],
         }
     }
 
@@ -95,7 +104,9 @@ impl FrameCounter {
                     let h = self.header;
                     self.skip =
                         usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-                    if let Some(why) = self.count(h[3], now) {
+                    let empty = h[3] == DATA && self.skip == 0 && h[4] & END_STREAM == 0;
+                    let kind = if empty { EMPTY_DATA } else { h[3] };
+                    if let Some(why) = self.count(kind, now) {
                         return Some(why);
                     }
                 }
@@ -107,7 +118,7 @@ impl FrameCounter {
     fn count(&mut self, kind: u8, now: Instant) -> Option<&'static str> {
         if now.duration_since(self.window) >= Duration::from_secs(1) {
             self.window = now;
-            self.counts = [0; 4];
+            self.counts = [0; 5];
         }
         let l = self.limits;
         let (i, limit, why) = match kind {
@@ -115,6 +126,7 @@ impl FrameCounter {
             PING => (1, l.pings, "PING flood"),
             SETTINGS => (2, l.settings, "SETTINGS flood"),
             PRIORITY => (3, l.priorities, "PRIORITY flood"),
+            EMPTY_DATA => (4, l.empty, "empty DATA flood"),
             _ => return None,
         };
         self.counts[i] += 1;
@@ -238,6 +250,7 @@ mod tests {
             pings: 2,
             settings: 2,
             priorities: 2,
+            empty: 2,
         };
         let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         // DATA frames whose payload looks like PING headers must not count.
@@ -251,6 +264,17 @@ mod tests {
             }
             assert_eq!(c.feed(&frame(PING, 8), now), Some("PING flood"));
         }
+        // Empty DATA frames count; the one that ends a stream does not.
+        let mut c = FrameCounter::new(limits, now);
+        c.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", now);
+        let mut end = frame(DATA, 0);
+        end[4] = END_STREAM;
+        for _ in 0..10 {
+            assert_eq!(c.feed(&end, now), None);
+        }
+        assert_eq!(c.feed(&frame(DATA, 0), now), None);
+        assert_eq!(c.feed(&frame(DATA, 0), now), None);
+        assert_eq!(c.feed(&frame(DATA, 0), now), Some("empty DATA flood"));
     }
 
     #[test]

@@ -120,6 +120,8 @@ fn builder(open: &Open) -> h2::server::Builder {
     b.max_concurrent_streams(open.h2_streams)
         // The largest head any route takes; each route's own limit applies once routed.
         .max_header_list_size(open.max_head.min(u32::MAX as usize) as u32)
+        // The HPACK table a client may make this side keep: the protocol's default, stated.
+        .header_table_size(4096)
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_send_buffer_size(SEND_BUFFER)
