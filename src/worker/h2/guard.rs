@@ -144,14 +144,7 @@ pub struct Guard<T> {
     early: Vec<u8>,
     frames: FrameCounter,
     shared: Rc<Shared>,
-    /// What `h2` wrote since its last flush: handed to the socket in one write when it
-    /// flushes (or when full). Written piece by piece (a frame header, then its payload,
-    /// one stream after the other), each piece would be a TLS record and a syscall.
-    out: Vec<u8>,
 }
-
-/// Bytes gathered before `h2` must wait for the socket to take them.
-const OUT_MAX: usize = 64 * 1024;
 
 impl<T> Guard<T> {
     pub fn new(io: Rc<RefCell<T>>, early: Vec<u8>, limits: Limits, shared: Rc<Shared>) -> Self {
@@ -160,7 +153,6 @@ impl<T> Guard<T> {
             early,
             frames: FrameCounter::new(limits, Instant::now()),
             shared,
-            out: Vec::new(),
         }
     }
 
@@ -200,92 +192,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> Guard<T> {
-    /// Hands what was gathered to the socket's writer.
-    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut at = 0;
-        while at < self.out.len() {
-            let written = Pin::new(&mut *self.io.borrow_mut()).poll_write(cx, &self.out[at..]);
-            match written {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => at += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    self.out.drain(..at);
-                    return Poll::Pending;
-                }
-            }
-        }
-        // An idle connection keeps no gathering buffer.
-        self.out = Vec::new();
-        Poll::Ready(Ok(()))
-    }
-
-    /// Takes what fits of `bufs`; waits for the socket only when the buffer is full.
-    fn gather(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        if self.out.len() >= OUT_MAX {
-            if let Poll::Ready(Err(e)) = self.drain(cx) {
-                return Poll::Ready(Err(e));
-            }
-            if self.out.len() >= OUT_MAX {
-                return Poll::Pending;
-            }
-        }
-        if self.out.capacity() == 0 {
-            self.out.reserve(OUT_MAX);
-        }
-        let mut took = 0;
-        for b in bufs {
-            let n = b.len().min(OUT_MAX - self.out.len());
-            self.out.extend_from_slice(&b[..n]);
-            took += n;
-            if n < b.len() {
-                break;
-            }
-        }
-        Poll::Ready(Ok(took))
-    }
-}
-
 impl<T: AsyncWrite + Unpin> AsyncWrite for Guard<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().gather(cx, &[io::IoSlice::new(buf)])
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().gather(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
+        Pin::new(&mut *self.io.borrow_mut()).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut *this.io.borrow_mut()).poll_flush(cx),
-            other => other,
-        }
+        Pin::new(&mut *self.io.borrow_mut()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        match this.drain(cx) {
-            Poll::Ready(Ok(())) => Pin::new(&mut *this.io.borrow_mut()).poll_shutdown(cx),
-            other => other,
-        }
+        Pin::new(&mut *self.io.borrow_mut()).poll_shutdown(cx)
     }
 }
 
