@@ -12,6 +12,8 @@
 #   static1m        static 1 MiB file, keep-alive
 #   https-ka        HTTPS static 1 KiB, keep-alive
 #   https-close     HTTPS static 1 KiB, a full TLS handshake each (Connection: close)
+#   h2-static       HTTP/2 (TLS, ALPN h2) static 1 KiB: h2load, 100 streams over 10 connections
+#   h2-proxy        HTTP/2 proxied GET, the same (nginx with `http2` on its TLS listener)
 #   idle-http       IDLE (5,000) keep-alive connections that each sent one GET and stay open
 #   idle-https      the same over TLS
 #
@@ -24,6 +26,8 @@
 # count. Idle memory: on a freshly restarted server, Pss (/proc/PID/smaps_rollup) of the whole
 # tree with the connections open minus the same just before they were opened, divided by the
 # connections held (each sent one GET of the 1 KiB file and read the response).
+# The h2 scenarios are driven by h2load (-c10 -m10, Debian nghttp2-client), which reports no
+# latency percentiles: their p50/p99 columns are nan.
 # Prints each run, then medians of the rounds and the ratios zerocopy/nginx as Markdown
 # tables, with the machine.
 #
@@ -33,7 +37,7 @@
 # reconnects, and "a full handshake each" must be one. A check before the rounds counts the
 # resumed handshakes (ServerHellos with a pre-shared key, seen on lo) against each server.
 #
-# Installs nginx, wrk, curl, openssl, python3, gcc (Debian packages) if missing. Uses 127.0.0.1
+# Installs nginx, wrk, h2load, curl, openssl, python3, gcc (Debian packages) if missing. Uses 127.0.0.1
 # and free ports only; stops every process it started on exit, Ctrl+C included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +46,7 @@ ROUNDS=${2:-3}
 CONNECTIONS=${CONNECTIONS:-50}
 IDLE=${IDLE:-5000}
 ONLY=${ONLY:-}
-LOAD_SCENARIOS=(proxy-ka proxy-close static1k-ka static1k-close static1m https-ka https-close)
+LOAD_SCENARIOS=(proxy-ka proxy-close static1k-ka static1k-close static1m https-ka https-close h2-static h2-proxy)
 IDLE_SCENARIOS=(idle-http idle-https)
 SERVERS=(nginx zerocopy)
 HELPER_PY=$PWD/scripts/bench_helper.py
@@ -56,6 +60,8 @@ declare -A LABEL=(
   [static1m]="static 1 MiB"
   [https-ka]="HTTPS 1 KiB, keep-alive"
   [https-close]="HTTPS, full handshake each"
+  [h2-static]="HTTP/2 1 KiB, 100 streams"
+  [h2-proxy]="HTTP/2 proxied, 100 streams"
   [idle-http]="HTTP keep-alive"
   [idle-https]="HTTPS keep-alive"
 )
@@ -70,7 +76,7 @@ selected() { [ -z "$ONLY" ] || [ -n "${SELECTED[$1]:-}" ]; }
 
 install_missing() {
   local need=() cmd pkg
-  for pair in nginx:nginx wrk:wrk curl:curl openssl:openssl python3:python3 taskset:util-linux cc:gcc; do
+  for pair in nginx:nginx wrk:wrk h2load:nghttp2-client curl:curl openssl:openssl python3:python3 taskset:util-linux cc:gcc; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
   done
@@ -186,7 +192,8 @@ http {
   upstream backend { server 127.0.0.1:$BACKEND_PORT; keepalive 64; }
   server {
     listen 127.0.0.1:${PORT[nginx]};
-    listen 127.0.0.1:${TLS_PORT[nginx]} ssl;
+    # "ssl http2" rather than "http2 on": nginx before 1.25.1 (Debian 12's) knows only this.
+    listen 127.0.0.1:${TLS_PORT[nginx]} ssl http2;
     location /proxy/ { proxy_pass http://backend/; proxy_http_version 1.1; proxy_set_header Connection ""; }
     location /static/ { alias $WORK/www/; }
   }
@@ -254,7 +261,8 @@ for server in "${SERVERS[@]}"; do start_server "$server"; done
 # url SERVER SCENARIO
 url() {
   case $2 in
-    https-*) echo "https://127.0.0.1:${TLS_PORT[$1]}/static/1k.bin" ;;
+    https-* | h2-static) echo "https://127.0.0.1:${TLS_PORT[$1]}/static/1k.bin" ;;
+    h2-proxy) echo "https://127.0.0.1:${TLS_PORT[$1]}/proxy/x" ;;
     proxy-*) echo "http://127.0.0.1:${PORT[$1]}/proxy/x" ;;
     static1m) echo "http://127.0.0.1:${PORT[$1]}/static/1m.bin" ;;
     *) echo "http://127.0.0.1:${PORT[$1]}/static/1k.bin" ;;
@@ -292,6 +300,25 @@ wrk_parse() {
   ' "$WORK/wrk.out"
 }
 
+# h2load_run URL SECONDS: 100 streams over 10 connections; its report in $WORK/wrk.out.
+h2load_run() {
+  taskset -c "$LOAD_CORE" h2load -t1 -c10 -m10 -D "$2" "$1" >"$WORK/wrk.out" 2>&1 &
+  WRK_PID=$!
+  wait "$WRK_PID" || { echo "h2load failed:" >&2; cat "$WORK/wrk.out" >&2; exit 1; }
+  WRK_PID=
+}
+
+# Prints "requests rps nan nan errors" from h2load's report: "requests: N total, N started,
+# N done, N succeeded, F failed, E errored, T timeout" and "finished in 1.00s, R req/s, …".
+h2load_parse() {
+  awk '
+    /^requests:/ { requests = $8; errors = $10 + $12 + $14 }
+    /^finished in/ { rps = $4 }
+    /^status codes:/ { gsub(/,/, ""); errors += $5 + $7 + $9 }
+    END { printf "%d %.0f nan nan %d\n", requests, rps, errors }
+  ' "$WORK/wrk.out"
+}
+
 declare -A RPS=() P50=() P99=() CPU=() KIB=()
 
 # load_run SERVER SCENARIO ROUND
@@ -299,9 +326,15 @@ load_run() {
   local close=0 before after requests rps p50 p99 errors cpu
   case $2 in *-close) close=1 ;; esac
   before=$(helper cpu "${ROOT_PID[$1]}")
-  wrk_run "$(url "$1" "$2")" "$DURATION" "$close"
-  after=$(helper cpu "${ROOT_PID[$1]}")
-  read -r requests rps p50 p99 errors < <(wrk_parse)
+  if [[ $2 == h2-* ]]; then
+    h2load_run "$(url "$1" "$2")" "$DURATION"
+    after=$(helper cpu "${ROOT_PID[$1]}")
+    read -r requests rps p50 p99 errors < <(h2load_parse)
+  else
+    wrk_run "$(url "$1" "$2")" "$DURATION" "$close"
+    after=$(helper cpu "${ROOT_PID[$1]}")
+    read -r requests rps p50 p99 errors < <(wrk_parse)
+  fi
   [ "$requests" -gt 0 ] || { echo "no request completed:" >&2; cat "$WORK/wrk.out" >&2; exit 1; }
   cpu=$(awk -v d=$((after - before)) -v n="$requests" 'BEGIN { printf "%.1f", d / n }')
   printf "%-5s %-15s %-9s %10s %10s %10s %10s %8s\n" "$3" "$2" "$1" "$rps" "$p50" "$p99" "$cpu" "$errors"

@@ -6,7 +6,8 @@
 # and busybox-static packages itself and unpacks them under target/), without recommends:
 # qemu-system-x86, cpio, kmod (modinfo), binutils (objcopy) and openssl (also the SNI and
 # resumption tests' s_client and key-format conversion); and, from PyPI, kosoku (the Autobahn
-# WebSocket fuzzing client) and sslyze (the Mozilla TLS configuration check). Does nothing when
+# WebSocket fuzzing client), sslyze (the Mozilla TLS configuration check) and h2 (the HTTP/2
+# frame-level client of tests/h2.rs: floods, resets, windows). Does nothing when
 # all are present.
 set -euo pipefail
 
@@ -44,4 +45,9 @@ fi
 if ! python3 -c 'import sslyze' >/dev/null 2>&1; then
   echo "installing sslyze (PyPI)"
   python3 -m pip install --quiet sslyze
+fi
+
+if ! python3 -c 'import h2' >/dev/null 2>&1; then
+  echo "installing h2 (PyPI)"
+  python3 -m pip install --quiet h2
 fi

@@ -384,6 +384,7 @@ fn the_grafana_dashboard_queries_only_metrics_the_server_exports() {
         "zerocopy_proxy_upstream_retries_total",
         "zerocopy_proxy_access_log_dropped_total",
         "zerocopy_proxy_build_info",
+        "zerocopy_proxy_http2_streams_total",
     ] {
         assert!(used.contains(new), "no panel shows {new}");
     }

@@ -74,6 +74,12 @@ pub struct ServerConfig {
     /// known: the spec's 30 s default.
     #[serde(default = "thirty")]
     pub client_header_timeout_secs: u64,
+    /// HTTP/2 with prior knowledge (h2c) on the plain-HTTP listeners, beside HTTP/1.1.
+    #[serde(default)]
+    pub http2_cleartext: bool,
+    /// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[serde(default = "default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -86,8 +92,14 @@ impl Default for ServerConfig {
             shutdown_timeout_secs: default_shutdown_timeout(),
             keepalive_timeout_secs: default_keepalive(),
             client_header_timeout_secs: thirty(),
+            http2_cleartext: false,
+            http2_max_concurrent_streams: default_h2_streams(),
         }
     }
+}
+
+fn default_h2_streams() -> u32 {
+    128
 }
 
 fn default_listen() -> String {
@@ -226,6 +238,9 @@ pub struct TlsConfig {
     /// for one more period).
     #[serde(default = "twelve_hours")]
     pub session_ticket_rotation_secs: u64,
+    /// ALPN offers `h2` before `http/1.1`: clients that speak HTTP/2 get it.
+    #[serde(default = "yes")]
+    pub http2: bool,
     /// `[[tls.certificates]]`: more pairs, each chosen by SNI against its SAN DNS names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificates: Vec<CertificatePair>,

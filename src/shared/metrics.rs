@@ -138,6 +138,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
     let mut handshakes = [[0u64; 2]; TlsVersion::ALL.len()];
     let mut upstream: BTreeMap<usize, [u64; STATUS_CLASSES]> = BTreeMap::default();
     let mut retries = 0u64;
+    let mut h2_streams = 0u64;
     // Open now, by worker index: a draining slot of the old generation and the new one's
     // share an index, and both hold connections.
     let mut open_by_worker: BTreeMap<u64, i64> = BTreeMap::default();
@@ -175,6 +176,7 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             }
         }
         retries += slot.upstream_retries.load(Relaxed);
+        h2_streams += slot.http2_streams.load(Relaxed);
         let open = open_by_worker
             .entry(slot.worker_index.load(Relaxed))
             .or_default();
@@ -393,6 +395,12 @@ pub fn render(region: &Region, servers: &[UpstreamServerLabel]) -> String {
             "Requests sent again after a backend closed before answering: a replay on a fresh connection (stale pooled one) or a failover to the next server.",
             MetricType::COUNTER,
             vec![counter(vec![], retries)],
+        ),
+        family(
+            "zerocopy_proxy_http2_streams_total",
+            "HTTP/2 streams that carried a request (each is also counted in the request metrics).",
+            MetricType::COUNTER,
+            vec![counter(vec![], h2_streams)],
         ),
         family(
             "zerocopy_proxy_upstream_healthy",

@@ -35,7 +35,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::*};
 
-pub const LAYOUT_VERSION: u64 = 6;
+pub const LAYOUT_VERSION: u64 = 7;
 const MAGIC: u64 = 0x7a65_726f_636f_7079; // "zerocopy"
 
 pub const MAX_SLOTS: usize = 256;
@@ -224,6 +224,9 @@ pub struct Slot {
     /// Requests sent again after a backend closed before answering (a replay on a fresh
     /// connection, or a failover to the next server).
     pub upstream_retries: AtomicU64,
+    // --- Issue 11 (layout 7): written by the slot's worker only.
+    /// HTTP/2 streams that carried a request (`zerocopy_proxy_http2_streams_total`).
+    pub http2_streams: AtomicU64,
 }
 
 /// 1xx..5xx: the `status_class` label of `zerocopy_proxy_upstream_requests_total`.

@@ -163,7 +163,8 @@ pub fn provider() -> CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
 
-/// The rustls configuration of `[tls]`: certificates by SNI, ALPN `http/1.1`, and `ticketer`
+/// The rustls configuration of `[tls]`: certificates by SNI, ALPN (`h2` first when `http2`,
+/// then `http/1.1`), and `ticketer`
 /// for session tickets (`None`: rustls' default, none).
 pub fn server_config(
     cfg: &TlsConfig,
@@ -175,7 +176,7 @@ pub fn server_config(
         .map_err(|e| ("tls".to_string(), e.to_string()))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(certs));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn(cfg.http2);
     // With a ticketer, TLS 1.3 resumption and TLS 1.2 tickets go through it on any worker.
     // rustls' per-process session-ID cache (256 sessions) stays for TLS 1.2 clients that
     // offer no ticket: they resume on the worker that served them (with `cbpf`, the worker
@@ -188,6 +189,17 @@ pub fn server_config(
     // scripts) does not pay for parsing two.
     config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
+}
+
+/// The protocols offered in ALPN, the server's preference first: rustls picks the first of
+/// these that the client offers too.
+pub fn alpn(http2: bool) -> Vec<Vec<u8>> {
+    let mut protocols = Vec::with_capacity(2);
+    if http2 {
+        protocols.push(b"h2".to_vec());
+    }
+    protocols.push(b"http/1.1".to_vec());
+    protocols
 }
 
 #[cfg(test)]
@@ -227,6 +239,12 @@ mod tests {
 
     fn leaf(certs: &Certificates, sni: Option<&str>) -> CertificateDer<'static> {
         certs.choose(sni).cert[0].clone()
+    }
+
+    #[test]
+    fn alpn_prefers_h2_unless_it_is_off() {
+        assert_eq!(alpn(true), [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(alpn(false), [b"http/1.1".to_vec()]);
     }
 
     #[test]

@@ -460,6 +460,10 @@ fn validate_tls(tls: &TlsConfig, e: &mut Errors) {
     );
 }
 
+/// Each open stream holds a task and its buffers: more than this on one connection is no
+/// longer a browser's page but a way to make one worker hold a great deal.
+const MAX_H2_STREAMS: u32 = 10_000;
+
 fn validate_server(c: &Config, e: &mut Errors) {
     if c.server.listen.parse::<SocketAddr>().is_err() {
         e.add(
@@ -487,6 +491,13 @@ fn validate_server(c: &Config, e: &mut Errors) {
     }
     if c.server.client_header_timeout_secs == 0 {
         e.add("server.client_header_timeout_secs", "must be at least 1");
+    }
+    // RFC 9113 §6.5.2 recommends no fewer than 100; 1 still lets a client make progress.
+    if !(1..=MAX_H2_STREAMS).contains(&c.server.http2_max_concurrent_streams) {
+        e.add(
+            "server.http2_max_concurrent_streams",
+            format!("must be between 1 and {MAX_H2_STREAMS}"),
+        );
     }
     for (key, v) in [
         (
@@ -1108,6 +1119,8 @@ mod props {
         ("shutdown_timeout_secs", Int),
         ("keepalive_timeout_secs", Int),
         ("client_header_timeout_secs", Int),
+        ("http2_cleartext", Bool),
+        ("http2_max_concurrent_streams", Int),
         ("bogus", Int),
     ];
     const LOGGING: &[(&str, Kind)] = &[
@@ -1138,6 +1151,7 @@ mod props {
         ("cert_path", Str(DIRS)),
         ("key_path", Str(DIRS)),
         ("ktls_enabled", Bool),
+        ("http2", Bool),
         ("session_ticket_rotation_secs", Int),
     ];
     const FILE_ROUTE: &[(&str, Kind)] = &[

@@ -35,6 +35,10 @@ pub struct Ctx {
     pub limit_logged: Cell<Option<Instant>>,
     /// How long a head may take until its route is known.
     pub head_timeout: Duration,
+    /// `server.http2_max_concurrent_streams`.
+    pub h2_streams: u32,
+    /// `server.http2_cleartext`: plain connections may open with the HTTP/2 preface.
+    pub h2c: bool,
     /// Reusable 64 KiB buffers for bodies: a request holds one only while it moves body
     /// bytes, and an idle connection holds none.
     bodies: BufPool,
@@ -59,6 +63,14 @@ impl Open {
         ctx.slot.connections.fetch_add(1, Relaxed);
         let total = ctx.region.header.connections.fetch_add(1, Relaxed) + 1;
         (Open { ctx }, total)
+    }
+}
+
+impl Open {
+    /// The worker's state, for tasks that outlive a borrow of the connection (HTTP/2
+    /// streams).
+    pub fn ctx(&self) -> Rc<Ctx> {
+        self.ctx.clone()
     }
 }
 
@@ -100,6 +112,8 @@ impl Ctx {
             max_head: max_head_size(&start.config),
             keepalive: Duration::from_secs(server.keepalive_timeout_secs),
             head_timeout: Duration::from_secs(server.client_header_timeout_secs),
+            h2_streams: server.http2_max_concurrent_streams,
+            h2c: server.http2_cleartext,
             bodies: BufPool::new(BODY_BUF, BODIES_MAX),
             heads: BufPool::new(HEAD_BUF, HEADS_MAX),
             idle: Default::default(),

@@ -14,8 +14,11 @@ use super::http::respond::Response;
 use super::http::Framing;
 use super::proxy::backend::Pool;
 use super::proxy::tunnel::{self, Tunnel};
+use super::proxy::ProxyRoute;
 use super::router::{Handler, Matched, Router};
 use super::timed::Limit;
+use crate::shared::config::RouteSecurity;
+use std::net::IpAddr;
 use std::time::Duration;
 
 pub struct Dispatch {
@@ -25,20 +28,30 @@ pub struct Dispatch {
     pub backends: Pool,
 }
 
-impl Service for Dispatch {
-    type Tunnel = Tunnel;
+/// What a request is answered with, decided before any byte moves: the same decision for
+/// an HTTP/1.1 request and an HTTP/2 stream.
+pub enum Routed<'a> {
+    /// This response, with the route's header changes (`None`: no route matched).
+    Answer(Response, Option<&'a RouteSecurity>),
+    /// This error status, the request body left unread.
+    Fail(u16, &'a RouteSecurity),
+    /// The route's backend answers: `rest` is the path after the route's prefix.
+    Proxy {
+        route: &'a ProxyRoute,
+        rest: String,
+        sec: &'a RouteSecurity,
+    },
+}
 
-    async fn exchange<S: ClientStream>(
-        &self,
-        ctx: &Ctx,
-        client: &mut Client<S>,
-        mut incoming: Incoming,
-    ) -> Exchange<Tunnel> {
-        if let Some(r) = self.metrics.answer(ctx.region, &incoming.path, client.ip()) {
-            return exchange::answer(ctx, client, incoming, r, None).await;
+impl Dispatch {
+    /// The metrics endpoint, then the route, its head limits, its access checks and its
+    /// handler. `incoming.meta.access` is dropped for a route that silences its log.
+    pub fn route<'a>(&'a self, ctx: &Ctx, incoming: &mut Incoming, ip: IpAddr) -> Routed<'a> {
+        if let Some(r) = self.metrics.answer(ctx.region, &incoming.path, ip) {
+            return Routed::Answer(r, None);
         }
         let Some(m) = self.router.route(&incoming.meta.host, &incoming.path) else {
-            return exchange::answer(ctx, client, incoming, Response::error(404), None).await;
+            return Routed::Answer(Response::error(404), None);
         };
         log::trace!(
             "{} {} {} -> {}",
@@ -51,29 +64,58 @@ impl Service for Dispatch {
             incoming.meta.access = None;
         }
         let sec = &m.route.security;
-        client
-            .limits
-            .set_write(Limit::Each(Duration::from_secs(sec.send_timeout_secs)));
-        if let Some(status) = over_limits(&incoming, &m) {
-            return exchange::fail(ctx, client, status, Some(sec), incoming.meta).await;
+        if let Some(status) = over_limits(incoming, &m) {
+            return Routed::Fail(status, sec);
         }
-        let refused =
-            m.route
-                .access
-                .refuse(&incoming.req.method, client.ip(), ctx.region, unix_now);
-        if let Some(r) = refused {
-            return exchange::answer(ctx, client, incoming, r, Some(sec)).await;
+        if let Some(r) = m
+            .route
+            .access
+            .refuse(&incoming.req.method, ip, ctx.region, unix_now)
+        {
+            return Routed::Answer(r, Some(sec));
         }
         let r = match &m.route.handler {
-            Handler::Proxy(p) => {
-                let pool = &self.backends;
-                return super::proxy::forward(ctx, pool, client, incoming, p, &m.rest, sec).await;
+            Handler::Proxy(route) => {
+                let rest = m.rest;
+                return Routed::Proxy { route, rest, sec };
             }
             Handler::File(f) => f.serve(&incoming.req, &m.rest, m.exact),
             Handler::Redirect(r) => r.answer(&incoming.req, &m.rest),
             Handler::Welcome => welcome::answer(incoming.req.path()),
         };
-        exchange::answer(ctx, client, incoming, r, Some(sec)).await
+        Routed::Answer(r, Some(sec))
+    }
+}
+
+impl Service for Dispatch {
+    type Tunnel = Tunnel;
+
+    async fn exchange<S: ClientStream>(
+        &self,
+        ctx: &Ctx,
+        client: &mut Client<S>,
+        mut incoming: Incoming,
+    ) -> Exchange<Tunnel> {
+        let routed = self.route(ctx, &mut incoming, client.ip());
+        let sec = match &routed {
+            Routed::Answer(_, sec) => *sec,
+            Routed::Fail(_, sec) | Routed::Proxy { sec, .. } => Some(*sec),
+        };
+        if let Some(sec) = sec {
+            client
+                .limits
+                .set_write(Limit::Each(Duration::from_secs(sec.send_timeout_secs)));
+        }
+        match routed {
+            Routed::Answer(r, sec) => exchange::answer(ctx, client, incoming, r, sec).await,
+            Routed::Fail(status, sec) => {
+                exchange::fail(ctx, client, status, Some(sec), incoming.meta).await
+            }
+            Routed::Proxy { route, rest, sec } => {
+                let pool = &self.backends;
+                super::proxy::forward(ctx, pool, client, incoming, route, &rest, sec).await
+            }
+        }
     }
 
     async fn tunnel<S: ClientStream>(&self, ctx: &Ctx, client: Client<S>, t: Tunnel) {

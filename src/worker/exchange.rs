@@ -60,7 +60,8 @@ impl<S> Client<S> {
     }
 }
 
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -103,7 +104,11 @@ pub struct Meta {
 impl Meta {
     pub fn of(ctx: &Ctx, req: &Request, peer: IpAddr, started: Instant) -> Meta {
         let access = ctx.access_log.as_ref().map(|_| {
-            let version = if req.version == 0 { "1.0" } else { "1.1" };
+            let version = match req.version {
+                0 => "1.0",
+                2 => "2.0",
+                _ => "1.1",
+            };
             Box::new(access_log::Request {
                 peer,
                 line: format!("{} {} HTTP/{version}", req.method, req.target),
@@ -285,7 +290,7 @@ pub async fn finish<S: ClientStream, T>(
 }
 
 /// The response as it goes out, and whether the connection stays open after it.
-fn prepare(
+pub fn prepare(
     mut r: Response,
     keep: bool,
     sec: Option<&RouteSecurity>,

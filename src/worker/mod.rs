@@ -7,6 +7,7 @@ mod conn;
 mod ctx;
 mod dispatch;
 mod exchange;
+mod h2;
 mod handlers;
 mod http;
 mod huge_pages;

@@ -14,8 +14,10 @@ use super::ktls;
 use super::timed::{Limit, Timed};
 use crate::shared::child::{exit, EXIT_STARTUP_FAILED};
 use crate::shared::shm::{TlsMode, STATE_SERVING};
+use monoio::buf::IoBufMut;
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, UnixStream};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::*;
 use std::sync::Arc;
@@ -138,6 +140,10 @@ async fn accept_loop(
                 // as long as the connection, idle or not, and its size is paid for each.
                 match &tls {
                     _ if over => drop(monoio::spawn(refuse(open, stream, tls.is_some()))),
+                    None if ctx.h2c => {
+                        let task = serve_cleartext(open, dispatch.clone(), stream, peer);
+                        drop(monoio::spawn(task));
+                    }
                     None => {
                         let client = Client::new(stream, peer, limits);
                         drop(monoio::spawn(conn::serve(open, dispatch.clone(), client)));
@@ -200,6 +206,7 @@ async fn serve_tls(
         }
     };
     count_handshake(&open, tls_stream.session().protocol_version(), true);
+    let h2 = tls_stream.session().alpn_protocol() == Some(b"h2");
     #[cfg(feature = "ktls")]
     let tls_stream = match offload {
         None => tls_stream,
@@ -207,6 +214,10 @@ async fn serve_tls(
             Ok(ktls::stream::Handed::Rustls(tls_stream)) => tls_stream,
             Ok(ktls::stream::Handed::Kernel(ktls_stream, plain)) => {
                 open.slot.count_tls_connection(TlsMode::Ktls);
+                if h2 {
+                    let h2 = super::h2::serve(open, dispatch, ktls_stream, plain, peer, limits);
+                    return Box::pin(h2).await;
+                }
                 let mut client = Client::new(ktls_stream, peer, limits);
                 client.buf = plain;
                 return conn::serve(open, dispatch, client).await;
@@ -218,7 +229,40 @@ async fn serve_tls(
         },
     };
     open.slot.count_tls_connection(TlsMode::Rustls);
+    if h2 {
+        // Boxed: an HTTP/1.1 connection's task must not be as large as an HTTP/2 one's.
+        let h2 = super::h2::serve(open, dispatch, tls_stream, Vec::new(), peer, limits);
+        return Box::pin(h2).await;
+    }
     let client = Client::new(tls_stream, peer, limits);
+    conn::serve(open, dispatch, client).await
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A plain connection with `http2_cleartext`: HTTP/2 if it opens with the preface (prior
+/// knowledge, RFC 9113 §3.3), else HTTP/1.1 with what was read as the start of its head.
+/// The first bytes must come within the head's deadline, as a first request's do.
+async fn serve_cleartext(open: Open, dispatch: Rc<Dispatch>, mut stream: Timed, peer: SocketAddr) {
+    let limits = stream.limits().clone();
+    // Small: an HTTP/1.1 head grows it as it needs; an idle client holds no head buffer.
+    let mut first = Vec::with_capacity(PREFACE.len());
+    while first.len() < PREFACE.len() && PREFACE.starts_with(&first) {
+        let len = first.len();
+        let (res, back) = stream.read(first.slice_mut(len..PREFACE.len())).await;
+        first = back.into_inner();
+        match res {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+    if first == PREFACE {
+        let h2 = super::h2::serve(open, dispatch, stream, first, peer, limits);
+        return Box::pin(h2).await;
+    }
+    let mut client = Client::new(stream, peer, limits);
+    client.buf = first;
     conn::serve(open, dispatch, client).await
 }
 

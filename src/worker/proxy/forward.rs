@@ -10,7 +10,7 @@ use super::{Active, Failure, ProxyRoute};
 use crate::shared::config::RouteSecurity;
 use crate::worker::ctx::Ctx;
 use crate::worker::exchange::{self, Client, Exchange, Incoming, Meta};
-use crate::worker::http::body::BodyError;
+use crate::worker::http::body::{BodyError, BodyReader};
 use crate::worker::http::client::ClientStream;
 use crate::worker::http::respond;
 use crate::worker::http::Framing;
@@ -21,12 +21,58 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 /// The backend's response head, and the connection it came on.
-struct Answered<'a> {
-    target: Rc<Target>,
-    bconn: BackendConn,
-    _active: Active<'a>,
-    request_bytes: u64,
-    response: BackendResponse,
+pub struct Answered<'a> {
+    pub target: Rc<Target>,
+    pub bconn: BackendConn,
+    /// Counts the connection for `least_conn` until the exchange is over.
+    pub _active: Active<'a>,
+    pub request_bytes: u64,
+    pub response: BackendResponse,
+}
+
+/// Where a proxied request's body comes from: an HTTP/1.1 connection's framed bytes, or an
+/// HTTP/2 stream's DATA frames. The backend half of the proxy is written once over it.
+#[allow(async_fn_in_trait)]
+pub trait RequestBody {
+    /// Once, after the head went to the backend and before the first body byte is read: an
+    /// HTTP/1.1 client waiting for `100 Continue` gets it here.
+    async fn start(&mut self) -> Result<(), Failure>;
+
+    /// The next piece of body into `piece` (cleared first); `Ok(false)` at its end.
+    async fn next(&mut self, piece: &mut Vec<u8>) -> Result<bool, BodyError>;
+}
+
+/// The body of an HTTP/1.1 request, read from the client connection.
+struct ClientBody<'c, S> {
+    client: &'c mut Client<S>,
+    framing: Framing,
+    sec: &'c RouteSecurity,
+    expects_continue: bool,
+    reader: Option<BodyReader>,
+}
+
+impl<S: ClientStream> RequestBody for ClientBody<'_, S> {
+    async fn start(&mut self) -> Result<(), Failure> {
+        if self.expects_continue
+            && respond::send_continue(&mut self.client.stream)
+                .await
+                .is_err()
+        {
+            return Err(Failure::Client(BodyError::Closed));
+        }
+        self.reader = Some(self.client.body_reader(self.framing, self.sec));
+        Ok(())
+    }
+
+    async fn next(&mut self, piece: &mut Vec<u8>) -> Result<bool, BodyError> {
+        let Some(reader) = &mut self.reader else {
+            return Ok(false);
+        };
+        let client = &mut *self.client;
+        reader
+            .next(&mut client.stream, &mut client.buf, piece)
+            .await
+    }
 }
 
 /// Proxies one request: `rest` is the path after the route's prefix, `sec` the route's
@@ -56,7 +102,14 @@ pub async fn forward<S: ClientStream>(
         upgrade: is_websocket(&req),
     };
     let since = Instant::now();
-    let answered = match send(ctx, pool, client, route, &p).await {
+    let mut body = ClientBody {
+        client: &mut *client,
+        framing,
+        sec,
+        expects_continue: req.expects_continue(),
+        reader: None,
+    };
+    let answered = match send(ctx, pool, &mut body, route, &p).await {
         Ok(a) => a,
         Err(f) => return failed(ctx, client, f, sec, meta).await,
     };
@@ -115,10 +168,10 @@ fn req_view<'a>(p: &Proxied<'a>, keep: bool) -> relay::ClientSide<'a> {
 /// request that can be replayed and got no response byte is sent again: once on a fresh
 /// connection to the same server if the dead one came from the pool, else to the next
 /// candidate.
-async fn send<'c, S: ClientStream>(
+pub async fn send<'c, B: RequestBody>(
     ctx: &'c Ctx,
     pool: &Pool,
-    client: &mut Client<S>,
+    body: &mut B,
     route: &ProxyRoute,
     p: &Proxied<'_>,
 ) -> Result<Answered<'c>, Failure> {
@@ -138,7 +191,7 @@ async fn send<'c, S: ClientStream>(
         let head = request_head(p, &target);
         loop {
             backend_deadlines(&bconn, p.sec);
-            let result = match send_request(ctx, client, &mut bconn, &head, p).await {
+            let result = match send_request(ctx, body, &mut bconn, &head, p).await {
                 Ok(n) => relay::read_head(&mut bconn).await.map(|r| (n, r)),
                 Err(Failure::Backend) => Err(HeadError::Stale),
                 Err(Failure::Timeout) => Err(HeadError::Timeout),
@@ -242,9 +295,9 @@ fn backend_error(e: &std::io::Error) -> Failure {
 
 /// Sends the head and streams the body; returns the body bytes sent. `Failure::Backend` and
 /// `Failure::Timeout` are the backend's; a client that went away is `Client(Closed)`.
-async fn send_request<S: ClientStream>(
+async fn send_request<B: RequestBody>(
     ctx: &Ctx,
-    client: &mut Client<S>,
+    body: &mut B,
     bconn: &mut BackendConn,
     head: &[u8],
     p: &Proxied<'_>,
@@ -255,17 +308,11 @@ async fn send_request<S: ClientStream>(
     if framing == Framing::None {
         return Ok(0);
     }
-    if p.req.expects_continue() && respond::send_continue(&mut client.stream).await.is_err() {
-        return Err(Failure::Client(BodyError::Closed));
-    }
-    let mut reader = client.body_reader(framing, p.sec);
+    body.start().await?;
     let mut piece = ctx.take_buf();
     let mut sent = 0u64;
     let result = loop {
-        match reader
-            .next(&mut client.stream, &mut client.buf, &mut piece)
-            .await
-        {
+        match body.next(&mut piece).await {
             Ok(true) => sent += piece.len() as u64,
             Ok(false) => break Ok(()),
             Err(e) => break Err(Failure::Client(e)),

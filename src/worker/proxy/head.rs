@@ -9,15 +9,15 @@ use std::net::IpAddr;
 
 /// What the backend request is made of.
 #[derive(Clone, Copy)]
-pub(super) struct Proxied<'a> {
-    pub(super) req: &'a Request,
+pub struct Proxied<'a> {
+    pub req: &'a Request,
     /// The path after the route's prefix.
-    pub(super) rest: &'a str,
-    pub(super) sec: &'a RouteSecurity,
-    pub(super) framing: Framing,
-    pub(super) client_ip: IpAddr,
+    pub rest: &'a str,
+    pub sec: &'a RouteSecurity,
+    pub framing: Framing,
+    pub client_ip: IpAddr,
     /// A WebSocket upgrade: a fresh connection, never pooled after.
-    pub(super) upgrade: bool,
+    pub upgrade: bool,
 }
 
 impl Proxied<'_> {

@@ -117,7 +117,7 @@ fn parse(buf: &[u8]) -> Parsed {
 
 /// How the backend delimits its body.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum BodyKind {
+pub enum BodyKind {
     None,
     Length(u64),
     Chunked,
@@ -132,7 +132,8 @@ pub struct RelayOutcome {
     pub client_keep: bool,
 }
 
-fn body_kind(req: &Request, r: &BackendResponse) -> Result<BodyKind, ()> {
+/// `Err`: framing that cannot be relayed (a bad or conflicting Content-Length): 502.
+pub fn body_kind(req: &Request, r: &BackendResponse) -> Result<BodyKind, ()> {
     if req.method == "HEAD" || (100..200).contains(&r.status) || r.status == 204 || r.status == 304
     {
         return Ok(BodyKind::None);
@@ -171,6 +172,89 @@ pub struct ClientSide<'a> {
     pub keep: bool,
 }
 
+/// The client's response head from the backend's, whatever the client's protocol: the
+/// backend's fields but hop-by-hop ones and ours (`Server`, `Date`, the length, restated from
+/// `kind`). `tokens`: the backend's `Connection` tokens.
+pub fn response_head(r: &BackendResponse, tokens: &[String], kind: BodyKind) -> ResponseHead {
+    let mut head = ResponseHead::new(r.status);
+    head.reason = Some(r.reason.clone());
+    for (name, value) in &r.headers {
+        let ours = ["content-length", "server", "date"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h));
+        if ours || is_hop_by_hop(name, tokens) {
+            continue;
+        }
+        head.headers.push((name.clone(), value.clone()));
+    }
+    let mut head = head.with_defaults();
+    match kind {
+        BodyKind::Length(n) => head.set("Content-Length", n.to_string()),
+        // HEAD and 304 carry the length of the representation they describe.
+        BodyKind::None => {
+            if let Some(v) = r.headers_named("content-length").next() {
+                head.set("Content-Length", v);
+            }
+        }
+        _ => {}
+    }
+    head
+}
+
+/// Whether the backend connection can carry another request once this response's body was
+/// read to its end.
+pub fn backend_keeps(r: &BackendResponse, tokens: &[String]) -> bool {
+    let keep = if r.version == 1 {
+        !tokens.iter().any(|t| t == "close")
+    } else {
+        tokens.iter().any(|t| t == "keep-alive")
+    };
+    // RFC 9112 §6.3: both framings at once may be an attempt at smuggling. The body is read
+    // as chunked (Transfer-Encoding wins); the connection is not trusted for another request.
+    let conflicting = r.headers_named("transfer-encoding").next().is_some()
+        && r.headers_named("content-length").next().is_some();
+    keep && !conflicting
+}
+
+/// The backend's response body, piece by piece, as its framing delimits it.
+pub struct BackendBody {
+    kind: BodyKind,
+    reader: BodyReader,
+}
+
+impl BackendBody {
+    pub fn new(kind: BodyKind) -> BackendBody {
+        let framing = match kind {
+            BodyKind::None => Framing::Length(0),
+            BodyKind::Length(n) => Framing::Length(n),
+            BodyKind::Chunked => Framing::Chunked,
+            BodyKind::Close => Framing::None,
+        };
+        BackendBody {
+            kind,
+            reader: BodyReader::new(framing, u64::MAX),
+        }
+    }
+
+    /// The next piece into `piece`; `Ok(false)` at the end. `rest`: bytes read past the head.
+    pub async fn next(
+        &mut self,
+        bconn: &mut BackendConn,
+        rest: &mut Vec<u8>,
+        piece: &mut Vec<u8>,
+    ) -> Result<bool, ()> {
+        match self.kind {
+            BodyKind::None => Ok(false),
+            BodyKind::Close => read_until_close(bconn, rest, piece).await,
+            _ => self
+                .reader
+                .next(&mut bconn.stream, rest, piece)
+                .await
+                .map_err(|_| ()),
+        }
+    }
+}
+
 /// Sends the response head and body to the client. `Err(Failure::Backend)`: the backend's
 /// framing is unusable, and nothing was sent yet.
 pub async fn relay<S: ClientStream>(
@@ -191,44 +275,17 @@ pub async fn relay<S: ClientStream>(
         log::warn!("backend response with unusable framing: 502");
         return Err(Failure::Backend);
     };
-    // RFC 9112 §6.3: both framings at once may be an attempt at smuggling. The body is read
-    // as chunked (Transfer-Encoding wins); the connection is not trusted for another request.
-    let conflicting = r.headers_named("transfer-encoding").next().is_some()
-        && r.headers_named("content-length").next().is_some();
     let tokens = connection_tokens(r.headers_named("connection"));
-    let backend_keep = if r.version == 1 {
-        !tokens.iter().any(|t| t == "close")
-    } else {
-        tokens.iter().any(|t| t == "keep-alive")
-    };
+    let backend_keep = backend_keeps(&r, &tokens);
     // What the client gets: chunked for a body of unknown length, if it speaks HTTP/1.1.
     let rechunk = matches!(kind, BodyKind::Chunked | BodyKind::Close) && req.version == 1;
     let unknown_length = matches!(kind, BodyKind::Chunked | BodyKind::Close);
     // An HTTP/1.0 client learns the end of such a body only from the close.
     let client_keep = keep && (rechunk || !unknown_length);
 
-    let mut head = ResponseHead::new(r.status);
-    head.reason = Some(r.reason.clone());
-    for (name, value) in &r.headers {
-        let ours = ["content-length", "server", "date"]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h));
-        if ours || is_hop_by_hop(name, &tokens) {
-            continue;
-        }
-        head.headers.push((name.clone(), value.clone()));
-    }
-    let mut head = head.with_defaults();
-    match kind {
-        BodyKind::Length(n) => head.set("Content-Length", n.to_string()),
-        // HEAD and 304 carry the length of the representation they describe.
-        BodyKind::None => {
-            if let Some(v) = r.headers_named("content-length").next() {
-                head.set("Content-Length", v);
-            }
-        }
-        _ if rechunk => head.set("Transfer-Encoding", "chunked"),
-        _ => {}
+    let mut head = response_head(&r, &tokens, kind);
+    if rechunk {
+        head.set("Transfer-Encoding", "chunked");
     }
     apply_route_headers(&mut head, sec);
     if !client_keep {
@@ -261,8 +318,7 @@ pub async fn relay<S: ClientStream>(
         Ok(n) => {
             outcome.response_bytes = n;
             outcome.client_keep = client_keep;
-            outcome.backend_reusable =
-                backend_keep && !conflicting && kind != BodyKind::Close && r.rest.is_empty();
+            outcome.backend_reusable = backend_keep && kind != BodyKind::Close && r.rest.is_empty();
         }
         Err(n) => {
             outcome.response_bytes = n;
@@ -284,25 +340,14 @@ async fn copy_body<S: ClientStream>(
     rechunk: bool,
     mut head: Option<Vec<u8>>,
 ) -> Result<u64, u64> {
-    let framing = match kind {
-        BodyKind::None => return Ok(0),
-        BodyKind::Length(n) => Framing::Length(n),
-        BodyKind::Chunked => Framing::Chunked,
-        BodyKind::Close => Framing::None,
-    };
-    let mut reader = BodyReader::new(framing, u64::MAX);
+    if kind == BodyKind::None {
+        return Ok(0);
+    }
+    let mut body = BackendBody::new(kind);
     let mut piece = ctx.take_buf();
     let mut total = 0u64;
     let result = loop {
-        let more = if kind == BodyKind::Close {
-            read_until_close(bconn, rest, &mut piece).await
-        } else {
-            reader
-                .next(&mut bconn.stream, rest, &mut piece)
-                .await
-                .map_err(|_| ())
-        };
-        match more {
+        match body.next(bconn, rest, &mut piece).await {
             Ok(true) => {}
             Ok(false) => break Ok(()),
             Err(()) => break Err(()),
