@@ -461,3 +461,82 @@ fn memory_routes_serve_what_they_read_until_a_reload() {
     });
     assert!(reloaded, "{}", s.log());
 }
+
+/// Read system calls of a process so far (`syscr` of /proc/PID/io): a file answered from the
+/// worker's small-file table costs none, one read from disk costs one `pread`.
+fn read_calls(pid: i32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscr: "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_small_file_kept_by_the_worker_follows_every_change() {
+    let mut s = Server::prepare("[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 1\n\n[path_routes.\"127.0.0.1\".\"/\"]\npath = \"{dir}/www\"\n");
+    let file = s.write_file("www/small.txt", b"version 1\n");
+    s.spawn();
+    s.wait_ready();
+    let worker = s.workers()[0];
+    let url = s.url("/small.txt");
+    let agent = ureq::AgentBuilder::new().build();
+    let fetch = || get_with(&agent, &url).unwrap();
+    // Kept only once its times are a second old (a write within the same clock tick as the
+    // read could otherwise go unseen).
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fetch(), (200, "version 1\n".into()));
+    let before = read_calls(worker);
+    for _ in 0..50 {
+        assert_eq!(fetch(), (200, "version 1\n".into()));
+    }
+    let reads = read_calls(worker) - before;
+    assert!(reads < 25, "50 answers of a kept file cost {reads} reads");
+
+    // Written in place, same size: seen at once.
+    std::fs::write(&file, b"version 2\n").unwrap();
+    assert_eq!(fetch(), (200, "version 2\n".into()));
+    // Replaced by a rename with the old modification time: another inode.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(fetch(), (200, "version 2\n".into()));
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let next = s.write_file("www/next.tmp", b"version 3\n");
+    std::fs::File::options()
+        .write(true)
+        .open(&next)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::fs::rename(&next, &file).unwrap();
+    assert_eq!(fetch(), (200, "version 3\n".into()));
+    // A range and a conditional request answered from the kept bytes.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, h, body) = parse_response(&raw(
+        s.addr(),
+        b"GET /small.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=8-\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    ));
+    assert_eq!((status, body.as_str()), (206, "3\n"));
+    let etag = header(&h, "etag").unwrap().to_string();
+    let conditional = format!(
+        "GET /small.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, ..) = parse_response(&raw(
+        s.addr(),
+        conditional.as_bytes(),
+        Duration::from_secs(5),
+    ));
+    assert_eq!(status, 304);
+    // Made unreadable for the worker: 403; then a symlink out of the root: 404; then gone.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fetch().0, 403);
+    std::fs::remove_file(&file).unwrap();
+    let outside = s.path("outside-root.txt");
+    std::fs::write(&outside, b"version 3\n").unwrap();
+    std::os::unix::fs::symlink(&outside, &file).unwrap();
+    assert_eq!(fetch().0, 404);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(fetch().0, 404);
+}

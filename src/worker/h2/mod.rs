@@ -36,6 +36,8 @@ const CLOSING: Duration = Duration::from_secs(1);
 /// Plaintext buffered between the socket and `h2`: one TLS record in, a few out.
 const READ_BUF: usize = 16 * 1024;
 const WRITE_BUF: usize = 64 * 1024;
+/// What h2 writes is gathered up to this size before it goes to the TLS stream.
+const WRITE_COALESCE: usize = 16 * 1024;
 /// Flow-control windows the server grants: a 50 MB upload must not wait for a round trip
 /// each 64 KiB (the protocol's default), and a stream's buffered body stays bounded.
 const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -154,7 +156,11 @@ pub async fn serve<S>(
         shared.clone(),
     );
     // The preface and first SETTINGS come within the head's deadline, set at the accept.
-    let conn = match builder(&open).handshake::<_, Bytes>(guarded).await {
+    // h2 writes a frame's head and its payload in separate calls, and the compat wrapper
+    // starts a socket write on each: buffered here, whatever h2 produced in one pass goes in
+    // one TLS record and one write (a 1 KiB response: 2 sends, 32 and 1046 bytes, become 1).
+    let buffered = tokio::io::BufWriter::with_capacity(WRITE_COALESCE, guarded);
+    let conn = match builder(&open).handshake::<_, Bytes>(buffered).await {
         Ok(conn) => conn,
         Err(e) => {
             log::debug!("HTTP/2 handshake with {peer} failed: {e}");
@@ -178,7 +184,8 @@ pub async fn serve<S>(
     }
 }
 
-type Connection<S> = h2::server::Connection<Guard<monoio_compat::StreamWrapper<S>>, Bytes>;
+type Connection<S> =
+    h2::server::Connection<tokio::io::BufWriter<Guard<monoio_compat::StreamWrapper<S>>>, Bytes>;
 
 /// One connection after its handshake.
 struct Driver<S> {

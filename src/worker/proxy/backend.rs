@@ -89,7 +89,7 @@ fn client_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, Str
             roots.add(cert).map_err(|e| format!("{path}: {e}"))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::shared::tls::provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -5,6 +5,7 @@
 mod conditional;
 pub mod diskfile;
 mod memory;
+mod recent;
 mod resolve;
 
 use crate::shared::config::{FileMode, Route};
@@ -26,6 +27,8 @@ pub struct FileRoute {
     pub index: String,
     /// `mode = "memory"`: files by resolved path, read when the generation starts.
     pub cache: HashMap<PathBuf, Cached>,
+    /// Small files served from disk, kept while unchanged.
+    pub recent: recent::Recent,
 }
 
 /// A file of a memory route: its bytes and its metadata, both as they were when read.
@@ -54,6 +57,7 @@ impl FileRoute {
             root_fd,
             index: route.index.clone().unwrap_or_else(|| "index.html".into()),
             cache,
+            recent: recent::Recent::default(),
         })
     }
 }
@@ -83,9 +87,25 @@ fn serve(route: &FileRoute, req: &Request, rest: &str, exact: bool) -> Response 
         r.head.set("Allow", "GET, HEAD");
         return r;
     }
-    let (path, meta, opened, cached) = match resolve::resolve(route, rest, exact) {
-        Resolved::File { path, file, meta } => (path, meta, Some(file), None),
-        Resolved::Cached { path, file } => (path, file.meta.clone(), None, Some(&file.bytes)),
+    let recent;
+    let (kind, meta, opened, cached) = match resolve::resolve(route, rest, exact) {
+        Resolved::File { path, file, meta } => (content_type(&path), meta, Some(file), None),
+        Resolved::Cached { path, file } => (
+            content_type(&path),
+            file.meta.clone(),
+            None,
+            Some(&file.bytes),
+        ),
+        Resolved::Recent(entry) => {
+            recent = entry;
+            let kind = recent.content_type.clone();
+            (
+                kind,
+                recent.file.meta.clone(),
+                None,
+                Some(&recent.file.bytes),
+            )
+        }
         Resolved::NotFound => return Response::error(404),
         Resolved::Forbidden => return Response::error(403),
         Resolved::BadRequest => return Response::error(400),
@@ -94,7 +114,7 @@ fn serve(route: &FileRoute, req: &Request, rest: &str, exact: bool) -> Response 
     let len = cached.map_or(meta.len(), |b| b.len() as u64);
     let v = Validators::new(&meta, len);
     let mut head = ResponseHead::new(200)
-        .header("Content-Type", content_type(&path))
+        .header("Content-Type", kind)
         .header("Last-Modified", v.last_modified())
         .header("ETag", v.etag.clone())
         .header("Accept-Ranges", "bytes");
@@ -157,6 +177,7 @@ mod tests {
             is_dir: false,
             index: "index.html".into(),
             cache: [(path.clone(), cached)].into_iter().collect(),
+            recent: recent::Recent::default(),
         };
         let get = |range: Option<&str>| {
             let headers = range

@@ -22,6 +22,8 @@ pub enum Resolved<'a> {
         path: PathBuf,
         file: &'a Cached,
     },
+    /// A small file served before and unchanged since (`recent`).
+    Recent(std::rc::Rc<super::recent::Entry>),
     NotFound,
     /// The worker's user may not read it.
     Forbidden,
@@ -31,6 +33,19 @@ pub enum Resolved<'a> {
 /// `rest`: the normalized path after the route's prefix. `exact`: the request path is the
 /// prefix itself, which is all an exact-file route answers (`/robots.txt/extra` is 404).
 pub fn resolve<'a>(route: &'a FileRoute, rest: &str, exact: bool) -> Resolved<'a> {
+    if let Some(entry) = route.recent.get(rest) {
+        return Resolved::Recent(entry);
+    }
+    match from_disk(route, rest, exact) {
+        Resolved::File { path, file, meta } => match route.recent.keep(rest, &path, &file, &meta) {
+            Some(entry) => Resolved::Recent(entry),
+            None => Resolved::File { path, file, meta },
+        },
+        other => other,
+    }
+}
+
+fn from_disk<'a>(route: &'a FileRoute, rest: &str, exact: bool) -> Resolved<'a> {
     if !route.is_dir {
         if !exact {
             return Resolved::NotFound;
