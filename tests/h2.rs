@@ -403,9 +403,13 @@ fn request_bodies_keep_the_route_limits() {
     let h = start("", "");
     let body = h.s.write_file("body.bin", &pattern(2000, 1));
     let at = format!("@{}", body.display());
-    // A declared length past max_request_body_size: 413 before any byte is read.
-    let c = h2_get(&h, "/small/upload", &["--data-binary", &at]);
-    assert_eq!(c.code, 413);
+    // A declared length past max_request_body_size: 413 before any byte is read. The rest
+    // of the body is let in before the stream's reset: sent with the answer, that reset made
+    // curl fail most such answers ("Stream error in the HTTP/2 framing layer").
+    for _ in 0..10 {
+        let c = h2_get(&h, "/small/upload", &["--data-binary", &at]);
+        assert_eq!(c.code, 413);
+    }
     // No length (curl streams stdin): past max_chunked_body_size while it arrives.
     let port = h.s.port;
     let out = Command::new("curl")
