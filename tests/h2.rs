@@ -107,6 +107,8 @@ struct Curl {
     /// `%{http_version} %{http_code}`.
     version: String,
     code: u16,
+    /// `%{time_total}`: connection, TLS handshake and exchange, not curl's own start.
+    took: Duration,
     headers: String,
     body: Vec<u8>,
 }
@@ -121,7 +123,7 @@ fn curl(h: &H2Server, path: &str, args: &[&str]) -> Curl {
         .arg(&h.ca)
         .arg("--resolve")
         .arg(format!("backend.test:{port}:127.0.0.1"))
-        .args(["-w", "%{http_version} %{http_code}", "-o"])
+        .args(["-w", "%{http_version} %{http_code} %{time_total}", "-o"])
         .arg(&out_file)
         .arg("-D")
         .arg(&head_file)
@@ -130,10 +132,12 @@ fn curl(h: &H2Server, path: &str, args: &[&str]) -> Curl {
         .output()
         .expect("curl");
     let w = String::from_utf8_lossy(&out.stdout).to_string();
-    let (version, code) = w.split_once(' ').unwrap_or(("", "0"));
+    let mut fields = w.split(' ');
+    let (version, code, took) = (fields.next(), fields.next(), fields.next());
     let c = Curl {
-        version: version.to_string(),
-        code: code.trim().parse().unwrap_or(0),
+        version: version.unwrap_or("").to_string(),
+        code: code.and_then(|c| c.parse().ok()).unwrap_or(0),
+        took: Duration::from_secs_f64(took.and_then(|t| t.trim().parse().ok()).unwrap_or(99.0)),
         headers: std::fs::read_to_string(&head_file)
             .unwrap_or_default()
             .to_ascii_lowercase(),
@@ -317,14 +321,9 @@ fn each_flood_closes_its_connection_and_the_worker_serves_on() {
         assert!(r.contains("\"closed\": true"), "{kind:?}: {r}");
         // GOAWAY ENHANCE_YOUR_CALM (11).
         assert!(r.contains("\"goaway\": [[11, "), "{kind:?}: {r}");
-        let t = Instant::now();
         let c = h2_get(&h, "/index.html", &[]);
         assert_eq!(c.code, 200);
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "{kind:?}: {:?}",
-            t.elapsed()
-        );
+        assert!(c.took < Duration::from_secs(1), "{kind:?}: {:?}", c.took);
     }
     for why in [
         "rapid reset",
@@ -404,9 +403,13 @@ fn request_bodies_keep_the_route_limits() {
     let h = start("", "");
     let body = h.s.write_file("body.bin", &pattern(2000, 1));
     let at = format!("@{}", body.display());
-    // A declared length past max_request_body_size: 413 before any byte is read.
-    let c = h2_get(&h, "/small/upload", &["--data-binary", &at]);
-    assert_eq!(c.code, 413);
+    // A declared length past max_request_body_size: 413 before any byte is read. The rest
+    // of the body is let in before the stream's reset: sent with the answer, that reset made
+    // curl fail most such answers ("Stream error in the HTTP/2 framing layer").
+    for _ in 0..10 {
+        let c = h2_get(&h, "/small/upload", &["--data-binary", &at]);
+        assert_eq!(c.code, 413);
+    }
     // No length (curl streams stdin): past max_chunked_body_size while it arrives.
     let port = h.s.port;
     let out = Command::new("curl")

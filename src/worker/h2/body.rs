@@ -11,6 +11,10 @@ use std::time::Duration;
 
 /// A piece handed on is this large at most (the HTTP/1.1 path's piece size).
 const PIECE: usize = 64 * 1024;
+/// How much of a body still coming is read and dropped after an early answer, and for how
+/// long (see `linger`).
+const LINGER_BYTES: u64 = 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
 
 pub struct StreamBody {
     recv: RecvStream,
@@ -68,6 +72,17 @@ impl StreamBody {
             Poll::Ready(Some(Err(_))) => Some(Err(BodyError::Closed)),
             Poll::Ready(None) | Poll::Pending => None,
         }
+    }
+
+    /// After an answer sent before the body's end (an error, a refusal): reads and drops what
+    /// the client still sends, up to `LINGER_BYTES` within `LINGER_TIME`. The stream then
+    /// ends as it should, or with RST_STREAM NO_ERROR; sent at once, that reset arrives with
+    /// the answer, and some clients (curl 7.88) take the answer for failed. HTTP/1.1's
+    /// lingering close, for one stream.
+    pub async fn linger(mut self) {
+        self.max = self.read + LINGER_BYTES;
+        let drain = async { while let Ok(Some(_)) = self.frame().await {} };
+        let _ = monoio::time::timeout(LINGER_TIME, drain).await;
     }
 
     /// Reads the rest of the body and drops it; returns the bytes read in all.

@@ -61,7 +61,10 @@ impl Exchange<'_> {
         };
         let answered = match answered {
             Ok(a) => a,
-            Err(f) => return self.failed(&mut respond, f, meta).await,
+            Err(f) => {
+                self.failed(&mut respond, f, meta).await;
+                return body.linger().await;
+            }
         };
         meta.request_bytes = answered.request_bytes;
         if meta.logged() {

@@ -45,14 +45,23 @@ pub async fn serve(ctx: Rc<Ctx>, dispatch: Rc<Dispatch>, arrived: Arrived) {
     let shared = open.shared();
     let Some((request, head_len)) = to_request(&parts) else {
         let meta = Meta::unparsed(&ctx, b"", ip, started);
-        return finish(&ctx, &mut respond, Response::error(400), None, meta, shared).await;
+        return refuse(
+            &ctx,
+            respond,
+            recv,
+            Response::error(400),
+            None,
+            meta,
+            shared,
+        )
+        .await;
     };
     let meta = Meta::of(&ctx, &request, ip, started);
     let framing = match request.check() {
         Ok(f) => stream_framing(f, &request, recv.is_end_stream()),
         Err(status) => {
             let r = Response::error(status);
-            return finish(&ctx, &mut respond, r, None, meta, shared).await;
+            return refuse(&ctx, respond, recv, r, None, meta, shared).await;
         }
     };
     if request.target == "*" {
@@ -60,7 +69,16 @@ pub async fn serve(ctx: Rc<Ctx>, dispatch: Rc<Dispatch>, arrived: Arrived) {
         return finish(&ctx, &mut respond, r, None, meta, shared).await;
     }
     let Ok(path) = http::normalize_path(request.path()) else {
-        return finish(&ctx, &mut respond, Response::error(400), None, meta, shared).await;
+        return refuse(
+            &ctx,
+            respond,
+            recv,
+            Response::error(400),
+            None,
+            meta,
+            shared,
+        )
+        .await;
     };
     let mut incoming = Incoming {
         req: request,
@@ -74,7 +92,7 @@ pub async fn serve(ctx: Rc<Ctx>, dispatch: Rc<Dispatch>, arrived: Arrived) {
         Routed::Answer(r, sec) => answer(&ctx, respond, recv, incoming, r, sec, shared).await,
         Routed::Fail(status, sec) => {
             let r = Response::error(status);
-            finish(&ctx, &mut respond, r, Some(sec), incoming.meta, shared).await
+            refuse(&ctx, respond, recv, r, Some(sec), incoming.meta, shared).await
         }
         Routed::Proxy { route, rest, sec } => {
             let exchange = super::proxy::Exchange {
@@ -167,10 +185,10 @@ async fn answer(
     let Incoming {
         framing, mut meta, ..
     } = incoming;
+    let s = sec.unwrap_or(&ctx.default_security);
+    let mut body = StreamBody::new(recv, framing, s.max_chunked_body_size, body_timeout(s));
     let mut r = r;
     if framing != Framing::None && r.status() < 400 {
-        let s = sec.unwrap_or(&ctx.default_security);
-        let mut body = StreamBody::new(recv, framing, s.max_chunked_body_size, body_timeout(s));
         match body.discard().await {
             Ok(n) => meta.request_bytes = n,
             Err(e) => match e.status() {
@@ -179,7 +197,25 @@ async fn answer(
             },
         }
     }
-    finish(ctx, &mut respond, r, sec, meta, shared).await
+    finish(ctx, &mut respond, r, sec, meta, shared).await;
+    body.linger().await
+}
+
+/// An answer before the request's body was read (an error): sent, then the rest of the body
+/// is let in and dropped for a while (`StreamBody::linger`).
+async fn refuse(
+    ctx: &Ctx,
+    mut respond: SendResponse<Bytes>,
+    recv: RecvStream,
+    r: Response,
+    sec: Option<&RouteSecurity>,
+    meta: Meta,
+    shared: &Shared,
+) {
+    finish(ctx, &mut respond, r, sec, meta, shared).await;
+    let s = sec.unwrap_or(&ctx.default_security);
+    let body = StreamBody::new(recv, Framing::Chunked, 0, body_timeout(s));
+    body.linger().await
 }
 
 #[cfg(test)]
