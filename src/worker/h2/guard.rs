@@ -1,6 +1,7 @@
 //! The client's bytes on their way to the `h2` crate, counted frame by frame: the floods
 //! HTTP/2 made possible (Rapid Reset, CVE-2023-44487; PING, SETTINGS and empty-frame floods,
-//! CVE-2019-9512/9515/9518) are made of frames that the crate answers correctly, one by one, without ever closing the connection.
+//! CVE-2019-9512/9515/9518) are made of frames that the crate answers correctly, one by one,
+//! without ever closing the connection.
 //! Only the 9-byte frame headers are looked at (RFC 9113 §4.1): type and length, to count
 //! the frame and skip its payload; the crate still does all the parsing.
 //!
@@ -155,11 +156,12 @@ impl<T> Guard<T> {
             shared,
         }
     }
+}
 
-    fn counted(&mut self, new: &[u8]) {
-        if let Some(why) = self.frames.feed(new, Instant::now()) {
-            self.shared.trip(why);
-        }
+/// Feeds what the client sent to the counter; past a limit, trips the connection.
+fn count(frames: &mut FrameCounter, shared: &Shared, new: &[u8]) {
+    if let Some(why) = frames.feed(new, Instant::now()) {
+        shared.trip(why);
     }
 }
 
@@ -179,14 +181,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guard<T> {
             let n = this.early.len().min(buf.remaining());
             let early: Vec<u8> = this.early.drain(..n).collect();
             buf.put_slice(&early);
-            this.counted(&early);
+            count(&mut this.frames, &this.shared, &early);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut *this.io.borrow_mut()).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            let new = buf.filled()[before..].to_vec();
-            this.counted(&new);
+            count(&mut this.frames, &this.shared, &buf.filled()[before..]);
         }
         r
     }
