@@ -28,8 +28,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// How often a connection looks at the drain signal and its idle time.
-const TICK: Duration = Duration::from_millis(200);
+/// How often a connection looks at the drain signal and its idle time: once a second, so
+/// that thousands of idle connections cost a worker little (at 200 ms, 10,000 of them woke
+/// it 50,000 times a second). A drain's GOAWAY then leaves within a second — an idle
+/// HTTP/1.1 connection is not told at all — and an idle timeout is met within one.
+const TICK: Duration = Duration::from_secs(1);
 /// How long a closing connection may take to send its GOAWAY and the end of its streams,
 /// once none is left open (or at once, after a flood).
 const CLOSING: Duration = Duration::from_secs(1);
