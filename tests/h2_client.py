@@ -139,7 +139,8 @@ class Streams:
                     break
 
 
-def streams(port, n, path):
+def open_streams(port, n, path):
+    """A connection with n GETs of path sent at once: (socket, connection, stream ids)."""
     sock, conn = connect(port)
     ids = []
     for _ in range(n):
@@ -147,6 +148,11 @@ def streams(port, n, path):
         conn.send_headers(sid, headers(path), end_stream=True)
         ids.append(sid)
     sock.sendall(conn.data_to_send())
+    return sock, conn, ids
+
+
+def streams(port, n, path):
+    sock, conn, ids = open_streams(port, n, path)
     s = Streams()
     s.pump(sock, conn, lambda: all(i in s.ended or i in s.reset for i in ids), time.time() + 20)
     return {
@@ -211,13 +217,7 @@ def flood(port, kind, path=None):
 
 
 def reload(port, n, path, pid):
-    sock, conn = connect(port)
-    ids = []
-    for _ in range(n):
-        sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, headers(path), end_stream=True)
-        ids.append(sid)
-    sock.sendall(conn.data_to_send())
+    sock, conn, ids = open_streams(port, n, path)
     s = Streams()
     # Let every stream reach the backend, then reload.
     s.pump(sock, conn, lambda: False, time.time() + 0.5)

@@ -45,16 +45,8 @@ pub async fn serve(ctx: Rc<Ctx>, dispatch: Rc<Dispatch>, arrived: Arrived) {
     let shared = open.shared();
     let Some((request, head_len)) = to_request(&parts) else {
         let meta = Meta::unparsed(&ctx, b"", ip, started);
-        return refuse(
-            &ctx,
-            respond,
-            recv,
-            Response::error(400),
-            None,
-            meta,
-            shared,
-        )
-        .await;
+        let bad = Response::error(400);
+        return refuse(&ctx, respond, recv, bad, None, meta, shared).await;
     };
     let meta = Meta::of(&ctx, &request, ip, started);
     let framing = match request.check() {
@@ -69,16 +61,8 @@ pub async fn serve(ctx: Rc<Ctx>, dispatch: Rc<Dispatch>, arrived: Arrived) {
         return finish(&ctx, &mut respond, r, None, meta, shared).await;
     }
     let Ok(path) = http::normalize_path(request.path()) else {
-        return refuse(
-            &ctx,
-            respond,
-            recv,
-            Response::error(400),
-            None,
-            meta,
-            shared,
-        )
-        .await;
+        let bad = Response::error(400);
+        return refuse(&ctx, respond, recv, bad, None, meta, shared).await;
     };
     let mut incoming = Incoming {
         req: request,
