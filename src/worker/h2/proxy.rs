@@ -18,7 +18,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub struct Exchange<'a> {
     pub ctx: &'a Ctx,
@@ -125,9 +125,7 @@ impl Exchange<'_> {
         };
         meta.record(self.ctx, status, sent);
         if whole && reusable && r.rest.is_empty() {
-            let idle = Duration::from_secs(self.sec.idle_connection_timeout_secs);
-            let max = self.sec.max_idle_connections_per_host;
-            self.pool.put(&target, bconn, max, idle);
+            self.pool.keep(&target, bconn, self.sec);
         }
     }
 

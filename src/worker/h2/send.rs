@@ -73,14 +73,7 @@ pub async fn response(
     timeout: Duration,
     shared: &Shared,
 ) -> Result<u64, SendError> {
-    let no_length = !r
-        .head
-        .headers
-        .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
-    if no_length && !matches!(r.head.status, 100..=199 | 204 | 304) {
-        r.head.set("Content-Length", r.body.len().to_string());
-    }
+    r.declare_length();
     let empty = r.body.len() == 0;
     let mut out = respond
         .send_response(head(&r.head), empty)

@@ -62,11 +62,17 @@ impl Response {
 
     /// HEAD: the headers GET would send, no body.
     pub fn strip_body(&mut self) {
+        self.declare_length();
+        self.body = Body::Empty;
+    }
+
+    /// States the body's length, unless the head has one or the status carries none: what
+    /// every response needs before its head is written, whatever the protocol.
+    pub fn declare_length(&mut self) {
         if !self.has_content_length() && self.sends_length() {
             let len = self.body.len();
             self.head.set("Content-Length", len.to_string());
         }
-        self.body = Body::Empty;
     }
 
     fn has_content_length(&self) -> bool {
@@ -89,10 +95,7 @@ pub async fn send<S: ClientStream>(
     mut r: Response,
     keep: bool,
 ) -> std::io::Result<u64> {
-    if !r.has_content_length() && r.sends_length() {
-        let len = r.body.len();
-        r.head.set("Content-Length", len.to_string());
-    }
+    r.declare_length();
     if !keep {
         r.head.set("Connection", "close");
         // The whole response is written without waiting on anyone: its tail can wait for

@@ -1,6 +1,7 @@
 //! Backend servers: where they are, how to connect (plain TCP or TLS, see `http::tls`), and a
 //! per-worker pool of idle keep-alive connections to each.
 
+use crate::shared::config::RouteSecurity;
 use crate::shared::url::BackendUrl;
 use crate::worker::http::tls::TlsStream;
 use crate::worker::timed::{Deadlines, Limit, Timed};
@@ -281,6 +282,13 @@ impl Pool {
             let now = Instant::now();
             list.push((conn, now + timeout, now));
         }
+    }
+
+    /// Keeps `conn` for reuse under the route's limits (`idle_connection_timeout_secs`,
+    /// `max_idle_connections_per_host`).
+    pub fn keep(&self, target: &Target, conn: BackendConn, sec: &RouteSecurity) {
+        let idle = Duration::from_secs(sec.idle_connection_timeout_secs);
+        self.put(target, conn, sec.max_idle_connections_per_host, idle);
     }
 
     /// Closes idle connections past their timeout, or closed by the backend (run every

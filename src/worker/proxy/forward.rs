@@ -150,8 +150,7 @@ pub async fn forward<S: ClientStream>(
     };
     meta.record(ctx, outcome.status, outcome.response_bytes);
     if outcome.backend_reusable && !p.upgrade {
-        let idle = Duration::from_secs(sec.idle_connection_timeout_secs);
-        pool.put(&target, bconn, sec.max_idle_connections_per_host, idle);
+        pool.keep(&target, bconn, sec);
     }
     Exchange::keep_if(outcome.client_keep)
 }
