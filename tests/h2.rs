@@ -279,20 +279,76 @@ fn proxied_bodies_stream_both_ways_byte_exact() {
     let n: usize = 100 << 20;
     let c = h2_get(&h, &format!("/api/download?n={n}&seed=7"), &[]);
     assert_eq!((c.code, c.body.len()), (200, n));
-    let mut want = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut g = PatternGen::new(7);
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..100 {
-        g.fill(&mut buf);
-        want.update(&buf);
-    }
-    assert_eq!(sha256(&c.body), want.finish().as_ref());
+    assert_eq!(sha256(&c.body), pattern_sha256(100, 7));
     let c = h2_get(&h, "/api/download?n=3000000&seed=8&mode=chunked", &[]);
     assert_eq!(sha256(&c.body), sha256(&pattern(3_000_000, 8)));
     // The backend's HEAD answer carries its length (curl -I writes the head, not a body).
     let c = h2_get(&h, "/api/echo", &["-I"]);
     assert_eq!(c.code, 200);
     assert!(c.headers.contains("content-length: "), "{}", c.headers);
+}
+
+/// The sha256 of `mib` MiB of `PatternGen::new(seed)`: what the backend's `/download` sends.
+fn pattern_sha256(mib: usize, seed: u64) -> Vec<u8> {
+    let mut want = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut g = PatternGen::new(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        g.fill(&mut buf);
+        want.update(&buf);
+    }
+    want.finish().as_ref().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The same list as curl's, from the Python `h2` client on one connection: GET, HEAD, a
+/// range, a 304, a redirect, a proxied GET, a 50 MB POST and a 100 MB proxied download.
+#[test]
+fn a_python_h2_client_gets_every_route_type_and_both_bodies() {
+    let h = start("", "");
+    let body = pattern(50 << 20, 4);
+    let mut fnv = Fnv::default();
+    fnv.update(&body);
+    let upload = h.s.write_file("upload-py.bin", &body);
+    drop(body);
+    let download = format!("/api/download?n={}&seed=9", 100 << 20);
+    let r = client(&h, &["requests", upload.to_str().unwrap(), &download]);
+    // `name.field=JSON`, one per line.
+    let field = |req: &str, key: &str| -> String {
+        let prefix = format!("{req}.{key}=");
+        let line = r.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+        line.unwrap_or_else(|| panic!("no {prefix}: {r}"))
+            .to_string()
+    };
+    let quoted = |s: &str| format!("\"{s}\"");
+    assert_eq!(field("get", "status"), "200");
+    assert_eq!(field("get", "text"), quoted("hello over h2\\n"));
+    assert_eq!(field("head", "status"), "200");
+    assert_eq!(field("head", "length"), "0");
+    assert_eq!(field("head", "content-length"), quoted("14"));
+    assert_eq!(field("range", "status"), "206");
+    let slice = sha256(&pattern(256 * 1024, 5)[100..200]);
+    assert_eq!(field("range", "sha256"), quoted(&hex(&slice)));
+    assert_eq!(field("304", "status"), "304");
+    assert_eq!(field("304", "length"), "0");
+    assert_eq!(field("redirect", "status"), "301");
+    assert_eq!(
+        field("redirect", "location"),
+        quoted("https://example.com/")
+    );
+    assert_eq!(field("proxied", "status"), "200");
+    let echo = field("proxied", "text");
+    assert!(echo.contains("GET /echo?q=1"), "{r}");
+    assert_eq!(field("post", "status"), "200");
+    let posted = format!("{} {:016x}", 50 << 20, fnv.0);
+    assert_eq!(field("post", "text"), quoted(&posted));
+    assert_eq!(field("download", "status"), "200");
+    assert_eq!(field("download", "length"), (100 << 20).to_string());
+    let want = hex(&pattern_sha256(100, 9));
+    assert_eq!(field("download", "sha256"), quoted(&want));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 """HTTP/2 client for tests/h2.rs, on the `h2` package (PyPI) over TLS with ALPN h2: many
 streams on one connection, the floods HTTP/2 servers must survive, and a reload under load.
-Prints one JSON object; the Rust test judges it.
+Prints one JSON object (`requests`: one `name.field=JSON` line per answer field); the Rust
+test judges it.
 
 usage: h2_client.py PORT streams N PATH
        h2_client.py PORT flood rapid_reset|continuation|settings|ping|empty_data
@@ -9,8 +10,10 @@ usage: h2_client.py PORT streams N PATH
        h2_client.py PORT idle
        h2_client.py PORT cancel PATH
        h2_client.py PORT malformed PATH
+       h2_client.py PORT requests UPLOAD_FILE DOWNLOAD_PATH
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -70,6 +73,9 @@ class Streams:
         self.wire_reset = {}
         self.wire_bytes = {}
         self.pongs = b""
+        self.headers = {}
+        self.sha = {}
+        self.text = {}
 
     def frames(self, data):
         """Frames read straight off the wire: the `h2` package gives up on a connection once
@@ -101,9 +107,14 @@ class Streams:
         self.frames(data)
         for ev in conn.receive_data(data):
             if isinstance(ev, h2.events.ResponseReceived):
-                self.status[ev.stream_id] = int(dict(ev.headers)[b":status"])
+                fields = {k.decode(): v.decode() for k, v in ev.headers}
+                self.status[ev.stream_id] = int(fields[":status"])
+                self.headers[ev.stream_id] = fields
             elif isinstance(ev, h2.events.DataReceived):
                 self.body[ev.stream_id] = self.body.get(ev.stream_id, 0) + len(ev.data)
+                self.sha.setdefault(ev.stream_id, hashlib.sha256()).update(ev.data)
+                if self.body[ev.stream_id] <= 1024:
+                    self.text[ev.stream_id] = self.text.get(ev.stream_id, "") + ev.data.decode("latin-1")
                 if ack and ev.flow_controlled_length:
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded):
@@ -298,6 +309,61 @@ def malformed(port, path):
     return out
 
 
+def request(sock, conn, s, method, path, extra=(), body=None):
+    """One request on the connection, its body sent as the server's windows allow; the
+    answer as status, chosen fields, body length, sha256 and (short bodies) text."""
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, headers(path, method) + list(extra), end_stream=body is None)
+    sock.sendall(conn.data_to_send())
+    deadline = time.time() + 60
+    if body is not None:
+        at = 0
+        while at < len(body) and time.time() < deadline:
+            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if room == 0:
+                s.pump(sock, conn, lambda: conn.local_flow_control_window(sid) > 0, deadline)
+                continue
+            conn.send_data(sid, body[at : at + room])
+            at += room
+            sock.sendall(conn.data_to_send())
+        conn.end_stream(sid)
+        sock.sendall(conn.data_to_send())
+    s.pump(sock, conn, lambda: sid in s.ended or sid in s.reset, deadline)
+    fields = s.headers.get(sid, {})
+    return {
+        "status": s.status.get(sid, 0),
+        "length": s.body.get(sid, 0),
+        "sha256": s.sha.get(sid, hashlib.sha256()).hexdigest(),
+        "text": s.text.get(sid, ""),
+        "content-length": fields.get("content-length"),
+        "etag": fields.get("etag"),
+        "location": fields.get("location"),
+        "ended": sid in s.ended,
+    }
+
+
+def requests(port, upload, download):
+    """GET, HEAD, a range, a 304, a redirect, a proxied GET, a POST of the file `upload` to
+    the proxy and a proxied download of `download`, in turn on one connection."""
+    sock, conn = connect(port)
+    s = Streams()
+    out = {}
+    out["get"] = request(sock, conn, s, "GET", "/index.html")
+    out["head"] = request(sock, conn, s, "HEAD", "/index.html")
+    out["range"] = request(sock, conn, s, "GET", "/mid.bin", [("range", "bytes=100-199")])
+    etag = out["get"]["etag"] or ""
+    out["304"] = request(sock, conn, s, "GET", "/index.html", [("if-none-match", etag)])
+    out["redirect"] = request(sock, conn, s, "GET", "/r/x")
+    out["proxied"] = request(sock, conn, s, "GET", "/api/echo?q=1")
+    with open(upload, "rb") as f:
+        data = f.read()
+    length = [("content-length", str(len(data)))]
+    out["post"] = request(sock, conn, s, "POST", "/api/upload", length, data)
+    out["download"] = request(sock, conn, s, "GET", download)
+    sock.close()
+    return out
+
+
 def main():
     port, cmd = int(sys.argv[1]), sys.argv[2]
     if cmd == "streams":
@@ -310,6 +376,13 @@ def main():
         r = cancel(port, sys.argv[3])
     elif cmd == "idle":
         r = idle(port)
+    elif cmd == "requests":
+        # One line per answer field, `name.field=JSON`: easy to look up from the Rust test.
+        r = requests(port, sys.argv[3], sys.argv[4])
+        for name, fields in r.items():
+            for key, value in fields.items():
+                print(f"{name}.{key}={json.dumps(value)}")
+        return
     elif cmd == "reload":
         r = reload(port, int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
     else:
